@@ -1,0 +1,28 @@
+"""ComfyUI-AdaptiveDrag: point-based drag editing (AdaptiveDrag, FreeDrag, DragDiffusion) for SD1.5 in ComfyUI.
+
+ComfyUI loads this folder as a custom node pack and calls ``comfy_entrypoint`` (V3 node schema). Importing it
+without ComfyUI works too (the entry point is then unusable, the node logic is not).
+"""
+
+import os
+import sys
+
+try:
+    import adaptivedrag_core  # noqa: F401  (installed with pip, or found below)
+except ImportError:
+    # Appended, not prepended: the pack folder holds a `nodes` package that must not shadow ComfyUI's nodes.py.
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+
+from .nodes import NODE_SPECS  # noqa: E402
+
+WEB_DIRECTORY = "./web"
+
+
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the pack's extension with every node."""
+    from .nodes.comfy_schema import AdaptiveDragExtension
+
+    return AdaptiveDragExtension(NODE_SPECS)
+
+
+__all__ = ["NODE_SPECS", "WEB_DIRECTORY", "comfy_entrypoint"]

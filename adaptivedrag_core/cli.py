@@ -1,0 +1,235 @@
+"""Command line: ``python -m adaptivedrag_core edit|mask|bench ...``.
+
+Bad input (points, image, mask, model, existing output) prints one line on stderr and exits with status 2,
+without writing any file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from importlib import resources
+from pathlib import Path
+
+from .errors import InputError
+
+DEMO_DRAG = "150,152:196,140"
+DEMO_NOTE = (
+    "demo: the model is a tiny random-weight stand-in for SD1.5, so the output is noise, not an edit. "
+    "Pass --model with your SD1.5 checkpoint for a real edit."
+)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adaptivedrag_core", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command")
+    add_edit_parser(subparsers)
+    for module in _optional_commands():
+        module.add_parser(subparsers)
+    return parser
+
+
+def _optional_commands():
+    from . import cli_mask
+
+    return [cli_mask]
+
+
+def add_edit_parser(subparsers) -> None:
+    p = subparsers.add_parser("edit", help="drag-edit an image", description="Drag-edit an image with SD1.5.")
+    p.add_argument("image", nargs="?", help="input image (any mode and size)")
+    p.add_argument("--drag", action="append", default=[], metavar="X1,Y1:X2,Y2",
+                   help="handle -> target pair in image pixels; repeat for several pairs")
+    p.add_argument("--model", help="SD1.5 checkpoint: a diffusers folder or a single .safetensors file")
+    p.add_argument("--tokenizer", help="folder with CLIP vocab.json and merges.txt (single-file models + a prompt)")
+    p.add_argument("--out", help="output image path; a preview <out>_preview.png is written beside it")
+    p.add_argument("--mask", help="mask image (white = may change), or 'auto' for the superpixel auto-mask")
+    p.add_argument("--sam2", help="SAM2 checkpoint for --mask auto (else a weight-free fallback feature space)")
+    p.add_argument("--sam2-size", help="SAM2 model size (tiny, small, base_plus, large; sam2.1_ prefix for 2.1), "
+                                       "if the file name does not tell")
+    p.add_argument("--prompt", default="", help="text prompt (default empty)")
+    p.add_argument("--method", default="adaptive", choices=("adaptive", "freedrag", "dragdiffusion"))
+    p.add_argument("--closs", action=argparse.BooleanOptionalAction, default=None,
+                   help="correspondence loss while sampling (default: on for adaptive)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-steps", type=int, default=None, help="identity LoRA steps (default 80; 0 skips)")
+    p.add_argument("--lora", help="LoRA .safetensors: loaded if it exists, else trained and saved there")
+    p.add_argument("--drag-steps", type=int, default=None,
+                   help="drag step budget: max steps for dragdiffusion/freedrag, the step count n for adaptive")
+    p.add_argument("--drag-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="any optimiser hyper-parameter, e.g. n_max=300 or tracking_radius=3; repeatable")
+    p.add_argument("--work-size", type=int, default=None, help="longer side of the working copy (default 512)")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the full schedule (default 50)")
+    p.add_argument("--strength", type=float, default=0.7, help="inversion strength (default 0.7: 35 of 50 steps)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--cache-dir", default=None, help="keep LoRA weights and inversions here across runs")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--demo", action="store_true",
+                   help="no model needed: tiny random-weight model on the bundled sample image (output is noise)")
+    p.set_defaults(run=run_edit)
+
+
+def preview_path(out: Path) -> Path:
+    return out.with_name(out.stem + "_preview.png")
+
+
+def check_outputs(paths, force: bool) -> None:
+    """Refuse to overwrite existing files unless --force."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not force:
+            raise InputError(f"{path} already exists; pass --force to overwrite it")
+
+
+def demo_image_path() -> Path:
+    return Path(str(resources.files("adaptivedrag_core") / "assets" / "sample.png"))
+
+
+def run_edit(args) -> int:
+    from .images import load_image, load_mask
+    from .points import DragPoints
+
+    if args.demo:
+        args.image = args.image or str(demo_image_path())
+        args.drag = args.drag or [DEMO_DRAG]
+        args.out = args.out or "demo.png"
+    if not args.image:
+        raise InputError("give an IMAGE (or --demo)")
+    if not args.out:
+        raise InputError("give --out OUT.png")
+    if not args.demo and not args.model:
+        raise InputError("give --model PATH (an SD1.5 checkpoint), or --demo")
+    out = Path(args.out)
+    output_format(out)
+    check_outputs([out, preview_path(out)], args.force)
+    if not out.parent.exists():
+        raise InputError(f"output folder {out.parent} does not exist")
+    image = load_image(args.image)
+    points = DragPoints.from_pairs(args.drag, image.width, image.height)
+    mask = regions = None
+    if args.mask == "auto":
+        mask, regions = _auto_mask(image, points, args.sam2, args.sam2_size, args.device)
+    elif args.mask:
+        mask = load_mask(args.mask, image.width, image.height)
+    settings = _settings(args)
+    pipeline = _pipeline(args)
+
+    from .progress import TqdmProgress
+
+    result = pipeline.edit(image, points, settings, mask=mask, regions=regions, progress_factory=TqdmProgress)
+    _save(result.image, out, args.force)
+    from .preview import side_by_side
+
+    _save(side_by_side(image, result.image, points), preview_path(out), args.force)
+    final = ", ".join(f"({x:.1f}, {y:.1f})" for x, y in result.final_handles)
+    print(f"wrote {out} and {preview_path(out)}; handles ended at {final} after {result.drag_steps} drag steps")
+    if args.demo:
+        print(DEMO_NOTE)
+    return 0
+
+
+def _settings(args):
+    from .pipeline import EditSettings, step_budget
+
+    settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, closs=args.closs,
+                            num_steps=args.ddim_steps, strength=args.strength)
+    drag_steps = args.drag_steps
+    if args.demo:
+        # Small enough to finish in well under a minute on 2 CPU cores.
+        settings.work_size, settings.lora_steps = 128, 10
+        drag_steps = drag_steps or 20
+    if args.lora_steps is not None:
+        settings.lora_steps = args.lora_steps
+    if args.work_size is not None:
+        settings.work_size = args.work_size
+    if drag_steps is not None:
+        settings.drag_options.update(step_budget(args.method, drag_steps))
+    settings.drag_options.update(_parse_options(args.drag_option))
+    return settings
+
+
+def _parse_options(pairs) -> dict:
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--drag-option {pair!r}: expected NAME=VALUE")
+        options[name.strip()] = _number(value.strip())
+    return options
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _pipeline(args):
+    import torch
+
+    from .models import load_sd15, tiny_sd_components
+    from .pipeline import DragPipeline
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+    if args.demo:
+        print(DEMO_NOTE)
+        components, model_id = tiny_sd_components(seed=0), "tiny-random-0"
+    else:
+        components = load_sd15(args.model, tokenizer_path=args.tokenizer)
+        path = Path(args.model)
+        model_id = f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    return DragPipeline(components, device=args.device, model_id=model_id, cache_dir=args.cache_dir)
+
+
+def _auto_mask(image, points, sam2_path, sam2_size, device):
+    from .automask import AutoMaskWarning, auto_mask
+
+    encoder = None
+    if sam2_path:
+        from .sam2_loader import load_sam2
+
+        encoder = load_sam2(sam2_path, sam2_size, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AutoMaskWarning)  # printed below, once, as plain lines
+        result = auto_mask(image.convert("RGB"), points, encoder=encoder)
+    for message in result.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    return result.mask, result.regions
+
+
+def output_format(path: Path) -> str:
+    """The PIL format for an output path, from its extension."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"cannot tell the image format of {path}; use .png, .jpg or .webp")
+    return fmt
+
+
+def _save(image, path: Path, force: bool) -> None:
+    # Written under a temporary name first, so a failure never leaves a half-written output.
+    check_outputs([path], force)
+    fmt = output_format(path)
+    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    partial = path.with_name(path.name + ".partial")
+    image.save(partial, format=fmt)
+    partial.replace(path)

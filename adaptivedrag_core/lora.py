@@ -1,0 +1,314 @@
+"""Identity LoRA (DragDiffusion): a LoRA on the UNet's attention projections, fine-tuned on the one image being
+edited so that inversion and sampling reproduce it faithfully.
+
+The LoRA layers are peft's. Its weights travel as a plain state dict with peft's key names,
+``"<module path>.lora_A.weight"`` [rank, in] and ``"<module path>.lora_B.weight"`` [out, rank], applied with
+scale 1 (lora_alpha = rank). The UNet itself is never left modified: training and ``identity_lora`` put peft's
+layers in place of the attention projections and put the original modules back afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .models import SD15_SCHEDULER_CONFIG
+from .progress import ProgressFn, report
+
+# DragDiffusion puts the LoRA on every attention projection of the UNet (self- and cross-attention).
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER_NAME = "identity"
+LORA_FORMAT = "adaptivedrag-identity-lora"
+
+
+def train_identity_lora(
+    unet: torch.nn.Module,
+    latent: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    steps: int = 80,
+    rank: int = 16,
+    lr: float = 5e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: ProgressFn = None,
+) -> dict[str, torch.Tensor]:
+    """Fine-tune an identity LoRA on one image with the ordinary noise-prediction (epsilon) loss.
+
+    Each step noises the image latent at ``batch_size`` random timesteps of SD1.5's DDPM schedule and fits the
+    noise with AdamW. On CUDA the UNet runs under autocast (fp16, or bf16 for a bf16 UNet) while the LoRA weights
+    stay float32. Works inside ``torch.inference_mode()``. The UNet is returned unchanged, with no adapter on it.
+
+    Args:
+        unet: the diffusers UNet; its weights must not be inference tensors (they need to take part in autograd).
+        latent: the *scaled* VAE latent of the image, [1, 4, h, w].
+        text_embeddings: the prompt's embeddings, [1, 77, D].
+        steps, rank, lr, batch_size: DragDiffusion's defaults (80, 16, 5e-4, 4).
+        seed: seeds the LoRA initialisation, timesteps and noise (deterministic on CPU).
+        progress: ``progress(step, total)``, called after every step.
+
+    Returns:
+        The LoRA weights (float32, on the CPU), for ``identity_lora`` and ``save_lora``.
+    """
+    _check_training_inputs(unet, latent, text_embeddings, steps, rank, batch_size)
+    with torch.inference_mode(False), torch.enable_grad():
+        device, dtype = _parameter(unet).device, _parameter(unet).dtype
+        latents = latent.detach().clone().to(device=device, dtype=torch.float32).expand(batch_size, -1, -1, -1)
+        context = text_embeddings.detach().clone().to(device=device, dtype=dtype).expand(batch_size, -1, -1)
+        layers = _inject_lora_layers(unet, TARGET_MODULES, rank, seed)
+        try:
+            for layer in layers.values():  # float32 LoRA weights even on a half-precision UNet
+                layer.lora_A.float()
+                layer.lora_B.float()
+            parameters = [p for layer in layers.values() for p in _lora_parameters(layer)]
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+            _fit_noise(unet, latents, context, parameters, steps, lr, seed, progress)
+            return _lora_state(layers)
+        finally:
+            _put_modules(unet, {path: layer.base_layer for path, layer in layers.items()})
+
+
+def _check_training_inputs(unet, latent, text_embeddings, steps, rank, batch_size) -> None:
+    if latent.ndim != 4 or latent.shape[0] != 1:
+        raise ValueError(f"latent must be [1, C, h, w], got {tuple(latent.shape)}")
+    if text_embeddings.ndim != 3 or text_embeddings.shape[0] != 1:
+        raise ValueError(f"text_embeddings must be [1, tokens, D], got {tuple(text_embeddings.shape)}")
+    if steps < 1 or rank < 1 or batch_size < 1:
+        raise InputError(f"LoRA steps, rank and batch size must be >= 1 (got {steps}, {rank}, {batch_size})")
+    if any(parameter.is_inference() for parameter in unet.parameters()):
+        raise RuntimeError(
+            "the UNet's weights are inference tensors (created under torch.inference_mode()), so no gradient can "
+            "flow through them; load or clone the weights outside inference mode"
+        )
+
+
+def _fit_noise(unet, latents, context, parameters, steps, lr, seed, progress) -> None:
+    """The training loop: epsilon-prediction loss at random timesteps, AdamW on ``parameters``."""
+    from diffusers import DDPMScheduler
+
+    schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    noise_schedule = DDPMScheduler(**{key: SD15_SCHEDULER_CONFIG[key] for key in schedule_keys})
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    device = latents.device
+    autocast_dtype = torch.bfloat16 if _parameter(unet).dtype == torch.bfloat16 else torch.float16
+    on_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=autocast_dtype) if on_cuda else nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and autocast_dtype == torch.float16)
+    for step in range(steps):
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator).to(device)
+        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        with autocast:
+            prediction = unet(noisy.to(context.dtype), timesteps, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        report(progress, step + 1, steps)
+
+
+@contextmanager
+def identity_lora(unet: torch.nn.Module, lora_state: dict[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """Run ``unet`` with the LoRA ``lora_state`` for the duration of the ``with`` block.
+
+    The original attention projection modules are put back on exit (also on an exception), so the UNet is
+    exactly as before. The peft layers are kept for the last state used on each UNet, so entering again with the
+    same state object (inversion, drag, sampling) only swaps modules. Treat the state as read-only.
+    Gradients flow through the LoRA layers (they are never inference tensors), so drag optimisation works inside.
+
+    Args:
+        unet: the diffusers UNet the LoRA was trained on.
+        lora_state: LoRA weights from ``train_identity_lora`` or ``load_lora``.
+
+    Yields:
+        The same ``unet``.
+    """
+    layers = _cached_layers(unet, lora_state)
+    _put_modules(unet, layers)
+    try:
+        yield unet
+    finally:
+        _put_modules(unet, {path: layer.base_layer for path, layer in layers.items()})
+
+
+@dataclass
+class _CachedLayers:
+    state: dict  # held so that its id cannot be reused by another object
+    layers: dict  # module path -> peft LoRA layer wrapping the UNet's own module
+
+
+# Per UNet, the peft layers of the last LoRA state entered; they disappear with the UNet.
+_LAYER_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _CachedLayers]" = weakref.WeakKeyDictionary()
+
+
+def _cached_layers(unet: torch.nn.Module, lora_state: dict) -> dict:
+    cached = _LAYER_CACHE.get(unet)
+    if cached is not None and cached.state is lora_state and _layers_fit(unet, cached.layers):
+        return cached.layers
+    pairs = _lora_pairs(lora_state)
+    modules = dict(unet.named_modules())
+    _check_lora_fits(pairs, modules)
+    rank = next(iter(pairs.values()))[0].shape[0]
+    layers = _inject_lora_layers(unet, tuple(pairs), rank, seed=0)
+    _put_modules(unet, {path: layer.base_layer for path, layer in layers.items()})
+    with torch.inference_mode(False), torch.no_grad():
+        for path, (down, up) in pairs.items():
+            lora_down, lora_up = _lora_parameters(layers[path])
+            lora_down.copy_(down)
+            lora_up.copy_(up)
+    _LAYER_CACHE[unet] = _CachedLayers(lora_state, layers)
+    return layers
+
+
+def _layers_fit(unet: torch.nn.Module, layers: dict) -> bool:
+    # Still valid if nobody replaced the wrapped modules and the UNet has not moved to another device.
+    modules = dict(unet.named_modules())
+    for path, layer in layers.items():
+        if modules.get(path) is not layer.base_layer:
+            return False
+        if _lora_parameters(layer)[0].device != layer.base_layer.weight.device:
+            return False
+    return True
+
+
+def _check_lora_fits(pairs: dict, modules: dict) -> None:
+    for path, (down, up) in pairs.items():
+        module = modules.get(path)
+        if not isinstance(module, torch.nn.Linear):
+            raise InputError(f"the LoRA does not fit this UNet: it has no linear layer '{path}'")
+        if down.shape[1] != module.in_features or up.shape[0] != module.out_features:
+            raise InputError(
+                f"the LoRA does not fit this UNet: '{path}' is {module.in_features}->{module.out_features}, "
+                f"the LoRA has {down.shape[1]}->{up.shape[0]}"
+            )
+
+
+def _inject_lora_layers(unet: torch.nn.Module, targets: tuple, rank: int, seed: int) -> dict:
+    """Put peft LoRA layers (rank ``rank``, scale 1, B = 0) on the modules named or suffixed by ``targets``.
+
+    Returns module path -> LoRA layer. Only the module tree changes: peft's other marks on the UNet (its
+    ``peft_config`` attribute, frozen ``requires_grad`` flags) are undone here.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(module, BaseTunerLayer) for module in unet.modules()):
+        raise RuntimeError("the UNet already carries peft adapter layers (is identity_lora already active?)")
+    attributes = set(vars(unet))
+    requires_grad = {name: parameter.requires_grad for name, parameter in unet.named_parameters()}
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
+    # Outside inference mode so the layers can take part in autograd; on a forked RNG so peft's random
+    # initialisation is seeded and leaves the caller's global RNG untouched.
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, unet, adapter_name=ADAPTER_NAME)
+    for name in set(vars(unet)) - attributes:
+        delattr(unet, name)
+    for name, parameter in unet.named_parameters():
+        if name in requires_grad:
+            parameter.requires_grad_(requires_grad[name])
+    return {path: module for path, module in unet.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def _lora_parameters(layer) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+
+
+def _lora_state(layers: dict) -> dict[str, torch.Tensor]:
+    state = {}
+    for path, layer in layers.items():
+        down, up = _lora_parameters(layer)
+        state[f"{path}.lora_A.weight"] = down.detach().float().cpu().clone()
+        state[f"{path}.lora_B.weight"] = up.detach().float().cpu().clone()
+    return state
+
+
+def _put_modules(unet: torch.nn.Module, modules: dict) -> None:
+    """Set each module path of ``unet`` (e.g. "up_blocks.1.attentions.0....to_out.0") to the given module."""
+    for path, module in modules.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = unet.get_submodule(parent_path) if parent_path else unet
+        setattr(parent, name, module)
+
+
+def _parameter(module: torch.nn.Module) -> torch.nn.Parameter:
+    return next(module.parameters())
+
+
+def _lora_pairs(state: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module path -> (lora_A weight [rank, in], lora_B weight [out, rank]); InputError if malformed."""
+    paths = sorted({key.rsplit(".lora_", 1)[0] for key in state if ".lora_" in key})
+    if not paths or len(state) != 2 * len(paths):
+        raise InputError("not a LoRA state: expected pairs of '<module>.lora_A.weight' and '<module>.lora_B.weight'")
+    pairs = {}
+    for path in paths:
+        down, up = state.get(f"{path}.lora_A.weight"), state.get(f"{path}.lora_B.weight")
+        if down is None or up is None or down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise InputError(f"not a LoRA state: bad or missing lora_A/lora_B weights for '{path}'")
+        pairs[path] = (down, up)
+    if len({down.shape[0] for down, _ in pairs.values()}) != 1:
+        raise InputError("not a LoRA state: its layers have different ranks")
+    return pairs
+
+
+def save_lora(
+    state: dict[str, torch.Tensor],
+    path,
+    metadata: Optional[dict] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write LoRA weights to a ``.safetensors`` file.
+
+    Args:
+        state: LoRA weights (as from ``train_identity_lora``).
+        path: the file to write; its folder is created if needed.
+        metadata: extra string metadata stored in the file (e.g. the settings it was trained with).
+        overwrite: replace an existing file; without it an existing file raises InputError.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"LoRA file already exists: {path} (pass overwrite=True to replace it)")
+    pairs = _lora_pairs(state)
+    from safetensors.torch import save_file
+
+    rank = next(iter(pairs.values()))[0].shape[0]
+    header = {str(key): str(value) for key, value in (metadata or {}).items()}
+    header.update({"format": LORA_FORMAT, "rank": str(rank)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target, then renamed: an interrupted save never leaves a truncated LoRA behind.
+    partial = path.with_name(path.name + ".partial")
+    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(partial), header)
+    os.replace(partial, path)
+    return path
+
+
+def load_lora(path) -> dict[str, torch.Tensor]:
+    """Read LoRA weights written by ``save_lora``; InputError if the file is missing or not a LoRA."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"LoRA file not found: {path}")
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise InputError(f"cannot read LoRA file {path}: not a valid .safetensors file ({error})") from error
+    try:
+        _lora_pairs(state)
+    except InputError as error:
+        raise InputError(f"{path} is {error}") from error
+    return state

@@ -1,0 +1,377 @@
+"""The whole edit, stage by stage, with per-stage caching.
+
+Each stage is a method with explicit inputs and outputs, and its result is cached under a key made from those
+inputs, so a second drag on the same image reuses the identity LoRA, the inversion and the reference recording.
+LoRA weights and inverted latents can also be kept on disk (``cache_dir``), so the CLI reuses them across runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InputError
+from .features import make_feature_fn
+from .images import WorkingImage, prepare_image, resize_labels
+from .inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
+from .models import SDComponents, encode_prompt
+from .points import DragPoints
+from .progress import ProgressFn
+from .sampling import CLossSettings, ReferenceBranch, record_reference, sample_dragged
+
+METHODS = ("adaptive", "freedrag", "dragdiffusion")
+VAE_DOWNSCALE = 8
+
+
+@dataclass
+class EditSettings:
+    """Every setting of an edit; the defaults are the papers' (see docs/method notes in each stage).
+
+    Args:
+        method: "adaptive", "freedrag" or "dragdiffusion".
+        prompt: text prompt ("" is fine: DragBench-style prompts help a little).
+        seed: seeds the LoRA training (the only random stage).
+        work_size: longer side of the working copy (512, SD1.5's native size).
+        lora_steps, lora_rank, lora_lr, lora_batch_size: identity LoRA (80, 16, 5e-4, 4); 0 steps skips it.
+        num_steps, strength: DDIM schedule (50) and inversion strength (0.7 -> invert 35 steps).
+        feature_block: UNet up-block whose output is the drag feature map (2).
+        feature_scale: feature map size relative to the image (0.5 -> 256x256 for 512x512).
+        drag_options: method hyper-parameters passed to ``drag()`` (paper defaults when absent).
+        closs: correspondence loss while sampling; None means "on for adaptive, off otherwise".
+        closs_weight, closs_kind: CLoss weight and "contrastive" (paper) or "mse" (public code).
+        reference_start_layer, reference_start_step: reference-latent control (10, 0).
+    """
+
+    method: str = "adaptive"
+    prompt: str = ""
+    seed: int = 0
+    work_size: int = 512
+    lora_steps: int = 80
+    lora_rank: int = 16
+    lora_lr: float = 5e-4
+    lora_batch_size: int = 4
+    num_steps: int = 50
+    strength: float = 0.7
+    feature_block: int = 2
+    feature_scale: float = 0.5
+    drag_options: dict = field(default_factory=dict)
+    closs: Optional[bool] = None
+    closs_weight: float = 1.0
+    closs_kind: str = "contrastive"
+    reference_start_layer: int = 10
+    reference_start_step: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+    @property
+    def use_closs(self) -> bool:
+        return self.method == "adaptive" if self.closs is None else self.closs
+
+    def closs_settings(self) -> Optional[CLossSettings]:
+        return CLossSettings(weight=self.closs_weight, kind=self.closs_kind) if self.use_closs else None
+
+
+def step_budget(method: str, steps: int) -> dict:
+    """``drag()`` options that give ``method`` a budget of about ``steps`` optimisation steps.
+
+    DragDiffusion and FreeDrag take ``max_steps``; AdaptiveDrag takes the user step count n, and its budget may
+    still grow (by one per step that falls short) up to ``n_max`` = 2n here.
+    """
+    if method == "adaptive":
+        return {"n_steps": steps, "n_max": 2 * steps}
+    return {"max_steps": steps}
+
+
+@dataclass
+class Inversion:
+    """The un-dragged state of one image: clean latent, inverted latent and the schedule between them."""
+
+    clean_latent: torch.Tensor
+    inverted_latent: torch.Tensor
+    schedule: DDIMSchedule
+    text_embeddings: torch.Tensor
+    lora: Optional[dict]
+    key: str
+
+
+@dataclass
+class EditResult:
+    """What :meth:`DragPipeline.edit` returns.
+
+    Args:
+        image: the edited image, same size and mode as the input.
+        points: the requested points, input pixels.
+        final_handles: where the optimiser left each handle, input pixels.
+        drag_steps: optimisation steps used.
+        timings: seconds per stage (a reused stage shows as 0 and is listed in ``reused``).
+        reused: stages taken from the cache.
+    """
+
+    image: Image.Image
+    points: DragPoints
+    final_handles: list
+    drag_steps: int
+    timings: dict
+    reused: list
+
+
+class DragPipeline:
+    """Drag editing with one SD1.x model.
+
+    Args:
+        components: the model (see :mod:`models`).
+        device: "cpu" or "cuda".
+        dtype: UNet/text-encoder dtype; default fp16 on CUDA, fp32 on CPU. The VAE stays fp32.
+        model_id: identifies the weights in cache keys (e.g. the checkpoint path and size).
+        cache_dir: folder for LoRA weights and inverted latents kept across runs, or None.
+    """
+
+    def __init__(self, components: SDComponents, device="cpu", dtype=None, model_id="model", cache_dir=None):
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.components = components
+        for module, dtype in ((components.unet, self.dtype), (components.text_encoder, self.dtype),
+                              (components.vae, torch.float32)):
+            if module is not None:
+                _move(module, self.device, dtype)
+        self.model_id = model_id
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._memory: dict = {}
+        self._hits: set = set()  # stages served from a cache during the current edit
+
+    # ----------------------------------------------------------------- stages
+    def encode_image(self, working: WorkingImage) -> torch.Tensor:
+        """Scaled VAE latent (the distribution's mean, so it is deterministic)."""
+        with torch.no_grad():
+            pixels = working.pixels.to(self.device, torch.float32)
+            latent = self.components.vae.encode(pixels).latent_dist.mean
+        return latent * self.components.latent_scale
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.components.vae.decode(latent.float() / self.components.latent_scale).sample
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        with torch.no_grad():
+            return encode_prompt(self.components, prompt, device=self.device).to(self.dtype)
+
+    def train_lora(self, latent, text_embeddings, settings: EditSettings, key: str, progress: ProgressFn = None):
+        """Identity LoRA for this image (cached in memory and, with ``cache_dir``, on disk)."""
+        from .lora import load_lora, save_lora, train_identity_lora
+
+        if settings.lora_steps <= 0:
+            return None
+        cached = self._cached("lora", key)
+        if cached is not None:
+            return cached
+        disk = self.cache_dir / f"lora-{key}.safetensors" if self.cache_dir else None
+        if disk is not None and disk.is_file():
+            state = load_lora(disk)
+            self._hits.add("lora")
+        else:
+            state = train_identity_lora(
+                self.components.unet, latent, text_embeddings, steps=settings.lora_steps, rank=settings.lora_rank,
+                lr=settings.lora_lr, batch_size=settings.lora_batch_size, seed=settings.seed, progress=progress,
+            )
+            if disk is not None:
+                disk.parent.mkdir(parents=True, exist_ok=True)
+                save_lora(state, disk, overwrite=True)
+        return self._store("lora", key, state)
+
+    def invert(self, working: WorkingImage, settings: EditSettings, progress_factory=None) -> Inversion:
+        """Encode, train (or reuse) the identity LoRA, and DDIM-invert (or reuse) the image."""
+        progress_factory = progress_factory or (lambda name: None)
+        clean = self.encode_image(working)
+        text_embeddings = self.encode_prompt(settings.prompt)
+        lora_key = self._key("lora", working.pixels, settings.prompt, settings.seed, settings.lora_steps,
+                             settings.lora_rank, settings.lora_lr, settings.lora_batch_size)
+        lora = self.train_lora(clean, text_embeddings, settings, lora_key, progress_factory("identity LoRA"))
+        key = self._key("inversion", lora_key, settings.num_steps, settings.strength)
+        schedule = make_schedule(self.components.make_scheduler(), settings.num_steps, settings.strength)
+        inverted = self._cached("inversion", key)
+        if inverted is None:
+            inverted = self._load_latent(key)
+        if inverted is None:
+            with self._lora(lora):
+                inverted = ddim_invert(unet_noise_fn(self.components.unet, text_embeddings), clean, schedule,
+                                       progress_factory("DDIM inversion"))
+            self._save_latent(key, inverted)
+            self._store("inversion", key, inverted)
+        return Inversion(clean, inverted, schedule, text_embeddings, lora, key)
+
+    def reference(self, inversion: Inversion, settings: EditSettings, progress: ProgressFn = None) -> ReferenceBranch:
+        """Record (or reuse) the reference branch's attention keys/values."""
+        key = self._key("reference", inversion.key, settings.reference_start_layer, settings.reference_start_step)
+        cached = self._cached("reference", key)
+        if cached is not None:
+            return cached
+        with self._lora(inversion.lora):
+            branch = record_reference(self.components.unet, inversion.text_embeddings, inversion.schedule,
+                                      inversion.inverted_latent, settings.reference_start_layer,
+                                      settings.reference_start_step, progress)
+        return self._store("reference", key, branch)
+
+    def drag(self, inversion: Inversion, handles, targets, feature_size, settings: EditSettings,
+             mask: Optional[np.ndarray] = None, regions: Optional[np.ndarray] = None, progress: ProgressFn = None):
+        """Optimise the inverted latent so content moves from handles to targets (feature-grid pixels)."""
+        from .drag import drag
+
+        feature_mask = None if mask is None else torch.from_numpy(resize_labels(mask, *feature_size)).bool()
+        feature_regions = None if regions is None else torch.from_numpy(
+            resize_labels(regions, *feature_size).astype(np.int64))
+        with self._lora(inversion.lora):
+            feature_fn = make_feature_fn(self.components.unet, inversion.text_embeddings, inversion.schedule,
+                                         feature_size, settings.feature_block, with_prediction=mask is not None)
+            return drag(inversion.inverted_latent.float(), feature_fn, handles, targets, method=settings.method,
+                        mask=feature_mask, regions=feature_regions, progress=progress, **settings.drag_options)
+
+    def sample(self, inversion: Inversion, dragged_latent, reference: ReferenceBranch, settings: EditSettings,
+               latent_handles=(), latent_targets=(), progress: ProgressFn = None) -> torch.Tensor:
+        with self._lora(inversion.lora):
+            return sample_dragged(
+                self.components.unet, inversion.text_embeddings, inversion.schedule, dragged_latent, reference,
+                settings.reference_start_layer, settings.reference_start_step, closs=settings.closs_settings(),
+                original_latent=inversion.clean_latent, handles=latent_handles, targets=latent_targets,
+                progress=progress,
+            )
+
+    # ------------------------------------------------------------ whole edit
+    def edit(
+        self,
+        image: Image.Image,
+        points: DragPoints,
+        settings: Optional[EditSettings] = None,
+        mask: Optional[np.ndarray] = None,
+        regions: Optional[np.ndarray] = None,
+        progress_factory: Optional[Callable[[str], ProgressFn]] = None,
+    ) -> EditResult:
+        """Drag-edit ``image``.
+
+        Args:
+            image: any PIL image (any mode, any size).
+            points: pairs in ``image`` pixels (their size must match the image).
+            settings: :class:`EditSettings` (paper defaults).
+            mask: optional bool [H, W] at image size, True = may change.
+            regions: optional int [H, W] superpixel labels at image size (for the adaptive method).
+            progress_factory: ``factory(stage_name) -> progress`` callback for each long stage.
+        """
+        settings = settings or EditSettings()
+        progress_factory = progress_factory or (lambda name: None)
+        points.check_image_size(image.width, image.height)
+        for name, array in (("mask", mask), ("regions", regions)):
+            if array is not None and np.asarray(array).shape != (image.height, image.width):
+                raise InputError(f"{name} is {np.asarray(array).shape[1]}x{np.asarray(array).shape[0]} "
+                                 f"but the image is {image.width}x{image.height}")
+        timings = {}
+        working = prepare_image(image, settings.work_size)
+        work_w, work_h = working.size
+        feature_size = (max(1, round(work_w * settings.feature_scale)), max(1, round(work_h * settings.feature_scale)))
+        handles, targets = points.to_grid(*feature_size)
+        latent_handles, latent_targets = points.to_grid(work_w // VAE_DOWNSCALE, work_h // VAE_DOWNSCALE)
+
+        stage = _StageRunner(progress_factory, timings)
+        self._hits.clear()
+        with stage("inversion", None):
+            inversion = self.invert(working, settings, progress_factory)
+        with stage("reference", "reference branch") as progress:
+            reference = self.reference(inversion, settings, progress)
+        reused = sorted(self._hits)
+        with stage("drag", f"drag ({settings.method})") as progress:
+            result = self.drag(inversion, handles, targets, feature_size, settings, mask, regions, progress)
+        with stage("sampling", "sampling" + (" + CLoss" if settings.use_closs else "")) as progress:
+            latent = self.sample(inversion, result.latent, reference, settings, latent_handles, latent_targets,
+                                 progress)
+        with stage("decode", None):
+            edited = working.restore(self.decode_latent(latent))
+        final = [_grid_to_image(p, feature_size, image.size) for p in result.handles]
+        return EditResult(edited, points, final, int(result.steps), timings, reused)
+
+    # ---------------------------------------------------------------- helpers
+    def _cached(self, stage: str, key: str):
+        value = self._memory.get((stage, key))
+        if value is not None:
+            self._hits.add(stage)
+        return value
+
+    def _store(self, stage: str, key: str, value):
+        self._memory[(stage, key)] = value
+        return value
+
+    def _key(self, *parts) -> str:
+        digest = hashlib.sha256(self.model_id.encode())
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                digest.update(part.detach().float().cpu().numpy().tobytes())
+            else:
+                digest.update(json.dumps(part, default=str).encode())
+        return digest.hexdigest()[:24]
+
+    def _lora(self, state):
+        if state is None:
+            return nullcontext()
+        from .lora import identity_lora
+
+        return identity_lora(self.components.unet, state)
+
+    def _load_latent(self, key: str):
+        path = self.cache_dir / f"inversion-{key}.safetensors" if self.cache_dir else None
+        if path is None or not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        self._hits.add("inversion")
+        return self._store("inversion", key, load_file(str(path))["latent"].to(self.device))
+
+    def _save_latent(self, key: str, latent: torch.Tensor) -> None:
+        if self.cache_dir is None:
+            return
+        from safetensors.torch import save_file
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"latent": latent.detach().cpu().contiguous()}, str(self.cache_dir / f"inversion-{key}.safetensors"))
+
+
+class _StageRunner:
+    """Times each stage and gives it a progress callback, closed when the stage ends (even if it ends early)."""
+
+    def __init__(self, progress_factory, timings: dict):
+        self.progress_factory = progress_factory
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, name: str, label: Optional[str]):
+        progress = self.progress_factory(label) if label else None
+        start = time.perf_counter()
+        try:
+            yield progress
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 4)
+            close = getattr(progress, "close", None)
+            if close is not None:
+                close()
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Only cast when needed: diffusers warns on every dtype cast of a model.
+    parameter = next(module.parameters())
+    if parameter.device != device:
+        module.to(device)
+    if parameter.dtype != dtype:
+        module.to(dtype)
+
+
+def _grid_to_image(point, grid_size, image_size):
+    (x, y), (gw, gh), (w, h) = point, grid_size, image_size
+    return ((float(x) + 0.5) * w / gw - 0.5, (float(y) + 0.5) * h / gh - 0.5)
+

@@ -1,0 +1,62 @@
+"""Pictures for people: numbered handle -> target arrows, and the before/after preview."""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .points import DragPoints
+
+HANDLE_COLOUR = (230, 40, 40)
+TARGET_COLOUR = (40, 90, 230)
+ARROW_COLOUR = (255, 255, 255)
+
+
+def draw_arrows(image: Image.Image, points: DragPoints) -> Image.Image:
+    """A copy of ``image`` (RGB) with each pair drawn: red handle, blue target, arrow between, pair number.
+
+    Points are rescaled if they were placed on an image of another size.
+    """
+    canvas = image.convert("RGB")
+    if (canvas.width, canvas.height) != (points.width, points.height):
+        points = points.rescaled(canvas.width, canvas.height)
+    draw = ImageDraw.Draw(canvas)
+    size = max(canvas.width, canvas.height)
+    radius = max(3, size // 60)
+    width = max(2, size // 150)
+    font = _font(max(10, size // 20))
+    for number, (handle, target) in enumerate(zip(points.handles, points.targets), start=1):
+        _arrow(draw, handle, target, width, head=radius * 2.5)
+        for (x, y), colour in ((handle, HANDLE_COLOUR), (target, TARGET_COLOUR)):
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour, outline=ARROW_COLOUR)
+        draw.text((handle[0] + radius + 1, handle[1] - radius), str(number), fill=ARROW_COLOUR, font=font,
+                  anchor="lb", stroke_width=1, stroke_fill=(0, 0, 0))
+    return canvas
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        return ImageFont.load_default()
+
+
+def _arrow(draw: ImageDraw.ImageDraw, start, end, width: int, head: float) -> None:
+    (x0, y0), (x1, y1) = start, end
+    angle = math.atan2(y1 - y0, x1 - x0)
+    draw.line((x0, y0, x1, y1), fill=ARROW_COLOUR, width=width)
+    for side in (-0.5, 0.5):
+        tip = (x1 - head * math.cos(angle + side), y1 - head * math.sin(angle + side))
+        draw.line((x1, y1, *tip), fill=ARROW_COLOUR, width=width)
+
+
+def side_by_side(original: Image.Image, result: Image.Image, points: DragPoints) -> Image.Image:
+    """The original with arrows next to the result, for a person to compare."""
+    left = draw_arrows(original, points)
+    right = result.convert("RGB").resize(left.size)
+    gap = max(4, left.width // 64)
+    sheet = Image.new("RGB", (left.width * 2 + gap, left.height), (32, 32, 32))
+    sheet.paste(left, (0, 0))
+    sheet.paste(right, (left.width + gap, 0))
+    return sheet

@@ -1,0 +1,143 @@
+"""DDIM sampling of the dragged latent with reference-latent control and the correspondence loss (CLoss).
+
+1. The reference branch (the un-dragged z_t) is denoised once while its self-attention keys/values are recorded
+   (:mod:`reference`). Its result is also the plain reconstruction of the input.
+2. The dragged z_t is denoised with those keys/values replayed. With CLoss on, at each step the predicted clean
+   latent's patch around every target is pulled toward the original latent's patch around the matching handle,
+   by one Adam step on the current latent (AdaptiveDrag, "correspondence sample"). The noise predicted before
+   that update is reused for the DDIM step, so CLoss costs one backward pass per step and no extra forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .inversion import DDIMSchedule, ddim_step, predict_clean, unet_noise_fn
+from .progress import ProgressFn, report
+from .reference import ReferenceRecording, reference_control
+
+
+@dataclass(frozen=True)
+class CLossSettings:
+    """Correspondence-loss settings.
+
+    Args:
+        weight: multiplies the loss (0 disables it).
+        kind: "contrastive" (the paper's symmetric cross-entropy on cosine similarities) or "mse" (public code).
+        patch_radius: half-size of the latent patches compared (5 -> 11x11, as in the public code).
+        lr: Adam learning rate on the current latent (0.01).
+        steps: apply during the first ``steps`` sampling steps (None: every step).
+    """
+
+    weight: float = 1.0
+    kind: str = "contrastive"
+    patch_radius: int = 5
+    lr: float = 0.01
+    steps: Optional[int] = None
+
+
+@dataclass
+class ReferenceBranch:
+    """What the reference pass produces: the recorded keys/values and the reconstructed clean latent."""
+
+    recording: ReferenceRecording
+    reconstruction: torch.Tensor
+
+
+def _timesteps(schedule: DDIMSchedule):
+    return [(i, t, schedule.previous(t)) for i, t in enumerate(schedule.timesteps)]
+
+
+def record_reference(
+    unet, text_embeddings, schedule: DDIMSchedule, inverted_latent: torch.Tensor, start_layer: int = 10,
+    start_step: int = 0, progress: ProgressFn = None,
+) -> ReferenceBranch:
+    """Denoise the un-dragged latent, recording the self-attention keys/values the edited branch will use.
+
+    Runs outside inference mode so the recording can later take part in CLoss's backward pass.
+    """
+    recording = ReferenceRecording()
+    with torch.inference_mode(False), torch.no_grad(), reference_control(
+        unet, recording, start_layer, start_step
+    ) as control:
+        noise_fn = unet_noise_fn(unet, text_embeddings.clone())
+        latent = inverted_latent.clone()
+        control.mode = "record"
+        for i, t, t_prev in _timesteps(schedule):
+            control.step = i
+            latent = ddim_step(latent, noise_fn(latent, t), schedule, t, t_prev)
+            report(progress, i + 1, len(schedule.timesteps))
+    return ReferenceBranch(recording, latent)
+
+
+def sample_dragged(
+    unet,
+    text_embeddings: torch.Tensor,
+    schedule: DDIMSchedule,
+    dragged_latent: torch.Tensor,
+    reference: ReferenceBranch,
+    start_layer: int = 10,
+    start_step: int = 0,
+    closs: Optional[CLossSettings] = None,
+    original_latent: Optional[torch.Tensor] = None,
+    handles: Sequence[tuple[float, float]] = (),
+    targets: Sequence[tuple[float, float]] = (),
+    progress: ProgressFn = None,
+) -> torch.Tensor:
+    """Denoise the dragged z_t to z_0 with the reference keys/values replayed, optionally with CLoss.
+
+    Args:
+        unet, text_embeddings, schedule: as for the inversion.
+        dragged_latent: the optimised z_t.
+        reference: from :func:`record_reference` with the same unet, conditioning, schedule and layers.
+        start_layer, start_step: where reference control starts (must match the recording).
+        closs: CLoss settings, or None for none.
+        original_latent: the input's clean latent z_0 (needed by CLoss).
+        handles, targets: points in latent-grid pixels (needed by CLoss).
+        progress: ``progress(step, total)``.
+    """
+    use_closs = closs is not None and closs.weight > 0
+    if use_closs and (original_latent is None or not handles):
+        raise ValueError("CLoss needs the original latent and the handle/target points")
+    optimizer = None
+    with torch.inference_mode(False), reference_control(unet, reference.recording, start_layer, start_step) as control:
+        # Clones made here are ordinary tensors, usable by autograd even when called under inference mode.
+        noise_fn = unet_noise_fn(unet, text_embeddings.clone())
+        latent = dragged_latent.detach().clone()
+        if use_closs:
+            original_latent = original_latent.clone()
+        control.mode = "replay"
+        for i, t, t_prev in _timesteps(schedule):
+            control.step = i
+            if use_closs and (closs.steps is None or i < closs.steps):
+                if optimizer is None:
+                    latent.requires_grad_(True)
+                    optimizer = torch.optim.Adam([latent], lr=closs.lr)
+                noise = _closs_update(noise_fn, latent, t, schedule, optimizer, closs, original_latent,
+                                      handles, targets)
+            else:
+                with torch.no_grad():
+                    noise = noise_fn(latent, t)
+            with torch.no_grad():
+                latent.copy_(ddim_step(latent, noise, schedule, t, t_prev))
+            report(progress, i + 1, len(schedule.timesteps))
+    return latent.detach()
+
+
+def _closs_update(noise_fn, latent, timestep, schedule, optimizer, closs, original_latent, handles, targets):
+    """One Adam step of CLoss on ``latent`` (in place); returns the noise predicted before the step."""
+    from .drag.closs import correspondence_loss
+
+    with torch.enable_grad():
+        optimizer.zero_grad(set_to_none=True)
+        noise = noise_fn(latent, timestep)
+        clean = predict_clean(latent, noise, schedule.alpha(timestep))
+        loss = closs.weight * correspondence_loss(
+            clean, original_latent, handles, targets, kind=closs.kind, patch_radius=closs.patch_radius
+        )
+        loss.backward()
+        optimizer.step()
+    return noise.detach()

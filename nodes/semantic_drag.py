@@ -1,0 +1,181 @@
+"""Semantic Drag: the latent optimisation (AdaptiveDrag, FreeDrag or DragDiffusion) at the inverted timestep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from adaptivedrag_core.drag import drag
+from adaptivedrag_core.errors import InputError
+from adaptivedrag_core.features import make_feature_fn
+from adaptivedrag_core.images import resize_labels
+from adaptivedrag_core.points import DragPoints
+
+from .bridge import core_model, mask_array, ordinary
+from .ddim_inversion import InvertedLatent, lora_context
+from .runtime import node_progress, release_memory
+from .spec import (DRAG_POINTS, DRAGGED_LATENT, INVERTED_LATENT, SUPERPIXELS, InputSpec, NodeResult, NodeSpec,
+                   OutputSpec)
+
+METHODS = ("adaptive", "freedrag", "dragdiffusion")
+FEATURE_BLOCK = 2  # DragDiffusion's decoder block (diffusers numbering)
+
+
+@dataclass(frozen=True)
+class DraggedLatent:
+    """The optimised z_t and what the sampler needs with it.
+
+    Args:
+        inversion: the un-dragged state it started from (reference branch, schedule, LoRA).
+        latent: the optimised z_t (scaled, CPU).
+        points: the requested pairs, in the pixels of the image the latent encodes.
+        final_handles: where the optimiser left each handle, same pixels.
+        steps: optimisation steps used.
+    """
+
+    inversion: InvertedLatent
+    latent: torch.Tensor
+    points: DragPoints
+    final_handles: list
+    steps: int
+
+
+def method_options(method: str, steps: int, max_steps: int, lr: float, motion_radius: int, tracking_radius: int,
+                   mask_weight: float, superpixel_radii: bool, freedrag_l: float, freedrag_d: float,
+                   freedrag_window_radius: int, freedrag_gamma: float) -> dict:
+    """The node's widgets as the chosen method's ``drag()`` options."""
+    if method == "dragdiffusion":
+        return dict(max_steps=steps, motion_radius=motion_radius, tracking_radius=tracking_radius,
+                    lam=mask_weight, lr=lr)
+    if method == "adaptive":
+        return dict(n_steps=steps, n_max=max_steps, motion_radius=motion_radius, tracking_radius=tracking_radius,
+                    superpixel_radii=superpixel_radii, lam=mask_weight, lr=lr)
+    return dict(l=freedrag_l, d=freedrag_d, max_steps=max_steps, window_radius=freedrag_window_radius,
+                gamma=freedrag_gamma, lr=lr)
+
+
+def points_for_latent(points: DragPoints, inversion: InvertedLatent) -> DragPoints:
+    """The points in the pixels of the image the latent encodes.
+
+    VAE Encode crops an image to a multiple of 8 pixels, so a few pixels of difference are expected and
+    rescaled away; anything more means the points belong to another image.
+    """
+    width, height = inversion.image_size
+    if (points.width, points.height) == (width, height):
+        return points
+    if abs(points.width - width) < 8 and abs(points.height - height) < 8:
+        return points.rescaled(width, height)
+    raise InputError(f"image is {width}x{height} (from the latent) but points were placed on "
+                     f"{points.width}x{points.height}; connect the same image to Drag Points and VAE Encode")
+
+
+def grid_array(array: Optional[np.ndarray], name: str, points: DragPoints, grid_size: tuple[int, int]):
+    """A mask or label map at the points' image size, resized (nearest) to the feature grid; None stays None."""
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.shape[:2] != (points.height, points.width):
+        raise InputError(f"{name} is {array.shape[1]}x{array.shape[0]} but the points were placed on "
+                         f"{points.width}x{points.height}")
+    return torch.from_numpy(resize_labels(array, *grid_size))
+
+
+def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str = "adaptive",
+                  mask: Optional[torch.Tensor] = None, superpixels: Optional[np.ndarray] = None,
+                  steps: int = 80, max_steps: int = 300, lr: float = 0.01, motion_radius: int = 1,
+                  tracking_radius: int = 3, mask_weight: float = 0.1, superpixel_radii: bool = False,
+                  freedrag_l: float = 1.0, freedrag_d: float = 5.0, freedrag_window_radius: int = 3,
+                  freedrag_gamma: float = 10.0, feature_scale: float = 0.5) -> NodeResult:
+    """Optimise the inverted latent so the content at each handle moves to its target.
+
+    Args:
+        inverted: from DDIM Inversion.
+        drag_points: from Drag Points, placed on the edited image.
+        method: "adaptive", "freedrag" or "dragdiffusion".
+        mask: optional MASK (1 = may change) at the image's size; outside it the image is kept.
+        superpixels: optional SUPERPIXELS from SAM2 Superpixel Mask (AdaptiveDrag's semantic regions).
+        steps: DragDiffusion's step count / AdaptiveDrag's n (80).
+        max_steps: AdaptiveDrag's n_max / FreeDrag's step budget (300).
+        lr: Adam learning rate on the latent (0.01).
+        motion_radius, tracking_radius: r_m (1) and r_p (3), DragDiffusion and AdaptiveDrag.
+        mask_weight: lambda of the mask term (0.1), DragDiffusion and AdaptiveDrag.
+        superpixel_radii: AdaptiveDrag: size r_m and r_p from the superpixels (public code).
+        freedrag_l, freedrag_d, freedrag_window_radius, freedrag_gamma: FreeDrag's l (1), d (5), r (3), gamma (10).
+        feature_scale: feature map size relative to the image (0.5).
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    points = points_for_latent(drag_points, inverted)
+    width, height = inverted.image_size
+    grid_size = (max(1, round(width * feature_scale)), max(1, round(height * feature_scale)))
+    handles, targets = points.to_grid(*grid_size)
+    user_mask = None if mask is None else mask_array(mask, points.width, points.height)
+    grid_mask = grid_array(user_mask, "mask", points, grid_size)
+    regions = grid_array(superpixels, "superpixels", points, grid_size) if method == "adaptive" else None
+    options = method_options(method, steps, max_steps, lr, motion_radius, tracking_radius, mask_weight,
+                             superpixel_radii, freedrag_l, freedrag_d, freedrag_window_radius, freedrag_gamma)
+
+    core = core_model(inverted.model, trainable=True)
+    with lora_context(core, inverted.lora):
+        feature_fn = make_feature_fn(core.unet, inverted.text_embeddings.to(core.device), inverted.schedule,
+                                     grid_size, FEATURE_BLOCK, with_prediction=grid_mask is not None)
+        result = drag(inverted.inverted_latent.to(core.device), feature_fn, handles, targets, method=method,
+                      mask=None if grid_mask is None else grid_mask.bool(),
+                      regions=None if regions is None else regions.long(), progress=node_progress(), **options)
+    release_memory()
+    final = [_grid_to_image(point, grid_size, (width, height)) for point in result.handles]
+    return NodeResult((DraggedLatent(inverted, ordinary(result.latent, "cpu"), points, final,
+                                     int(result.steps)),))
+
+
+def _grid_to_image(point, grid_size, image_size):
+    (x, y), (grid_w, grid_h), (width, height) = point, grid_size, image_size
+    return ((float(x) + 0.5) * width / grid_w - 0.5, (float(y) + 0.5) * height / grid_h - 0.5)
+
+
+SPEC = NodeSpec(
+    node_id="AdaptiveDrag_SemanticDrag",
+    display_name="Semantic Drag (AdaptiveDrag)",
+    description="Optimises the inverted latent so the content at each handle moves to its target: AdaptiveDrag "
+                "(semantic regions, position-supervised steps), FreeDrag (feature dragging) or DragDiffusion "
+                "(point tracking). Defaults are the papers'.",
+    inputs=(
+        InputSpec("inverted", INVERTED_LATENT, "From DDIM Inversion."),
+        InputSpec("drag_points", DRAG_POINTS, "From Drag Points (placed on the image that was encoded)."),
+        InputSpec("method", "COMBO", "adaptive: AdaptiveDrag. freedrag: FreeDrag. dragdiffusion: DragDiffusion.",
+                  default="adaptive", options=METHODS),
+        InputSpec("mask", "MASK", "Optional editable region (1 = may change): from SAM2 Superpixel Mask or "
+                  "painted; the rest of the image is kept.", optional=True),
+        InputSpec("superpixels", SUPERPIXELS, "Optional superpixels from SAM2 Superpixel Mask: AdaptiveDrag's "
+                  "semantic regions (other methods ignore them).", optional=True),
+        InputSpec("steps", "INT", "DragDiffusion: optimisation steps. AdaptiveDrag: the step count n that sets "
+                  "the ideal move per step (80).", default=80, min=1, max=2000),
+        InputSpec("max_steps", "INT", "AdaptiveDrag: budget cap n_max. FreeDrag: step budget (300).",
+                  default=300, min=1, max=5000),
+        InputSpec("lr", "FLOAT", "Adam learning rate on the latent (0.01).", default=0.01, min=1e-5, max=1.0,
+                  step=0.001),
+        InputSpec("motion_radius", "INT", "r_m: half-size of the motion-supervision patch (1 -> 3x3), "
+                  "DragDiffusion and AdaptiveDrag.", default=1, min=0, max=16),
+        InputSpec("tracking_radius", "INT", "r_p: half-size of the point-tracking window (3 -> 7x7), "
+                  "DragDiffusion and AdaptiveDrag.", default=3, min=1, max=32),
+        InputSpec("mask_weight", "FLOAT", "lambda: weight keeping the region outside the mask unchanged (0.1), "
+                  "DragDiffusion and AdaptiveDrag.", default=0.1, min=0.0, max=100.0, step=0.01),
+        InputSpec("superpixel_radii", "BOOLEAN", "AdaptiveDrag: size r_m and r_p from the superpixels, as the "
+                  "public code does (needs superpixels).", default=False),
+        InputSpec("freedrag_l", "FLOAT", "FreeDrag: expected template distance l (1.0).", default=1.0, min=0.01,
+                  max=100.0, step=0.01),
+        InputSpec("freedrag_d", "FLOAT", "FreeDrag: longest move per drag d, in feature pixels (5.0).",
+                  default=5.0, min=0.1, max=100.0, step=0.1),
+        InputSpec("freedrag_window_radius", "INT", "FreeDrag: template window radius r (paper 3, public code 4).",
+                  default=3, min=0, max=16),
+        InputSpec("freedrag_gamma", "FLOAT", "FreeDrag: weight of the mask term gamma (10).", default=10.0,
+                  min=0.0, max=1000.0, step=0.1),
+        InputSpec("feature_scale", "FLOAT", "Feature map size relative to the image (0.5: 256x256 for 512x512).",
+                  default=0.5, min=0.125, max=1.0, step=0.125),
+    ),
+    outputs=(OutputSpec("dragged", DRAGGED_LATENT, "The optimised latent, for CLoss Sampler."),),
+    run=semantic_drag,
+)

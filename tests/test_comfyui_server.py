@@ -1,0 +1,301 @@
+"""The pack in a real ComfyUI server: node list, every API workflow run to a saved image, caching, errors.
+
+Skipped unless ``COMFYUI_PATH`` names a ComfyUI checkout; ``COMFYUI_PYTHON`` is the Python that runs it (default:
+this one). The server runs on a free loopback port with a temporary ``--base-directory`` holding this pack (as a
+link in ``custom_nodes``), a random-weight SD1.5 checkpoint and a random SAM2.1-tiny checkpoint written here, and
+64x64 input images. The SD1.5 checkpoint has SD1.5's widths (ComfyUI recognises SD1.5 by model_channels 320 and
+context_dim 768) but one resnet per level, to keep CPU time low; CLIP and the VAE are full size.
+"""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+PACK_DIR = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((PACK_DIR / "workflows" / "api").glob("*.json"))
+SIZE = 64
+CHECKPOINT = "sd15_random.safetensors"
+SAM2_CHECKPOINT = "sam2.1_hiera_tiny.pt"
+RUN_TIMEOUT = 600
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to run against ComfyUI"),
+]
+
+# Run with COMFYUI_PYTHON in the ComfyUI folder: builds the checkpoint with ComfyUI's own model classes.
+WRITE_CHECKPOINT = r'''
+import os, sys
+output = sys.argv[1]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, os.getcwd())
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+from safetensors.torch import save_file
+import comfy.ops
+from comfy.ldm.models.autoencoder import AutoencoderKL
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.sd1_clip import SDClipModel
+
+torch.manual_seed(0)
+unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1, 1, 1],
+                 channel_mult=[1, 1, 1, 1], transformer_depth=[1, 1, 1, 0],
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1, context_dim=768,
+                 num_heads=8, use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False,
+                 operations=comfy.ops.disable_weight_init)
+vae = AutoencoderKL(ddconfig={"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                              "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                              "dropout": 0.0}, embed_dim=4)
+clip = SDClipModel(device="cpu")
+state = {}
+for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae), ("cond_stage_model.", clip)):
+    for key, value in module.state_dict().items():
+        if value.is_floating_point():  # the modules skip initialisation: fill every weight here
+            value = (torch.ones_like(value) if key.endswith("weight") else torch.zeros_like(value)) \
+                if value.ndim == 1 else torch.randn_like(value) * 0.02
+            value = value.half()
+        state[prefix + key] = value.contiguous()
+save_file(state, output)
+'''
+
+
+# ------------------------------------------------------------------------------------------------ the server
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_inputs(base: Path) -> None:
+    from PIL import Image
+
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "ComfyUI-AdaptiveDrag").symlink_to(PACK_DIR, target_is_directory=True)
+    for folder in ("checkpoints", "sam2"):
+        (base / "models" / folder).mkdir(parents=True)
+    subprocess.run([COMFYUI_PYTHON, "-c", WRITE_CHECKPOINT, str(base / "models" / "checkpoints" / CHECKPOINT)],
+                   cwd=COMFYUI_PATH, check=True, capture_output=True, timeout=600)
+    write_sam2_checkpoint(base / "models" / "sam2" / SAM2_CHECKPOINT)
+
+    (base / "input").mkdir()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(base / "input" / "drag.png")
+    # ComfyUI's Load Image makes MASK = 1 - alpha: the transparent (painted) part is the editable region.
+    alpha = np.full((SIZE, SIZE), 255, dtype=np.uint8)
+    alpha[16:48, 8:56] = 0
+    Image.fromarray(np.dstack([pixels, alpha]), "RGBA").save(base / "input" / "drag_masked.png")
+
+
+def write_sam2_checkpoint(path: Path) -> None:
+    import torch
+
+    from adaptivedrag_core.sam2_loader import random_sam2
+
+    torch.save({"model": random_sam2("tiny", seed=0).model.state_dict()}, path)
+
+
+class Server:
+    def __init__(self, url: str, base: Path):
+        self.url = url
+        self.base = base
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as response:
+            return json.load(response)
+
+    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
+        body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
+        request = urllib.request.Request(self.url + "/prompt", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
+
+    def run(self, prompt: dict) -> dict:
+        """Queue a prompt and wait for its history entry."""
+        status, answer = self.post_prompt(prompt)
+        assert status == 200, answer
+        prompt_id = answer["prompt_id"]
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                return history[prompt_id]
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    write_inputs(base)
+    port = free_port()
+    log = open(base / "server.log", "w")
+    process = subprocess.Popen(
+        [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+         str(base), "--disable-auto-launch"],
+        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, (base / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield Server(url, base)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+# --------------------------------------------------------------------------------------------- graph helpers
+def points_json(pairs, width=SIZE, height=SIZE) -> str:
+    return json.dumps({"version": 1, "width": width, "height": height,
+                       "pairs": [{"handle": list(h), "target": list(t)} for h, t in pairs]})
+
+
+def node_of(prompt: dict, class_type: str) -> tuple[str, dict]:
+    (match,) = [(key, node) for key, node in prompt.items() if node["class_type"] == class_type]
+    return match
+
+
+def quick(workflow: Path, pairs=(((20, 30), (28, 30)),)) -> dict:
+    """The API workflow with this test's files, 64x64 points and few steps."""
+    prompt = copy.deepcopy(json.loads(workflow.read_text()))
+    settings = {
+        "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
+        "AdaptiveDrag_DragPoints": {"points_json": points_json(pairs)},
+        "AdaptiveDrag_SAM2Loader": {"model_name": SAM2_CHECKPOINT},
+        "AdaptiveDrag_IdentityLoRA": {"steps": 2, "rank": 2, "batch_size": 1},
+        "AdaptiveDrag_DDIMInversion": {"steps": 10, "strength": 0.3},
+        "AdaptiveDrag_SemanticDrag": {"steps": 2, "max_steps": 3},
+        "SaveImage": {"filename_prefix": f"test_{workflow.stem}"},
+    }
+    for node in prompt.values():
+        node["inputs"].update(settings.get(node["class_type"], {}))
+    _, load_image = node_of(prompt, "LoadImage")
+    uses_mask = any(value == [key, 1] for key in prompt for n in prompt.values() for value in n["inputs"].values()
+                    if prompt[key]["class_type"] == "LoadImage")
+    load_image["inputs"]["image"] = "drag_masked.png" if uses_mask else "drag.png"
+    return prompt
+
+
+def messages(entry: dict, event: str) -> list[dict]:
+    return [data for name, data in entry["status"]["messages"] if name == event]
+
+
+def errors(entry: dict) -> list[str]:
+    return [f"{error['node_type']}: {error['exception_message']}" for error in messages(entry, "execution_error")]
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+def pack_specs():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_nodes import load_pack
+
+    return {spec.node_id: spec for spec in sys.modules[load_pack().__name__ + ".nodes"].NODE_SPECS}
+
+
+def test_every_node_is_in_object_info_with_its_schema(server):
+    info = server.get("/object_info")
+    for node_id, spec in pack_specs().items():
+        assert node_id in info, f"{node_id} not loaded; see {server.base / 'server.log'}"
+        node = info[node_id]
+        assert node["category"] == "AdaptiveDrag" and node["display_name"] == spec.display_name
+        inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
+        assert sorted(inputs) == sorted(item.name for item in spec.inputs)
+        assert all(inputs[item.name][1]["tooltip"] == item.tooltip for item in spec.inputs)
+        assert node["output"] == [item.kind for item in spec.outputs]
+    assert info["AdaptiveDrag_SAM2Loader"]["input"]["required"]["model_name"][1]["options"] == [SAM2_CHECKPOINT]
+
+
+def test_ui_workflows_match_the_servers_node_schemas(server):
+    """Every node type exists and every node stores one value per widget (as the browser would load it)."""
+    info = server.get("/object_info")
+    for workflow in sorted((PACK_DIR / "workflows").glob("*.json")):
+        for node in json.loads(workflow.read_text())["nodes"]:
+            assert node["type"] in info, (workflow.name, node["type"])
+            schema = info[node["type"]]["input"]
+            widgets = 0
+            for name, (kind, *options) in {**schema["required"], **schema.get("optional", {})}.items():
+                extra = options[0] if options else {}
+                if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                    widgets += 1 + bool(extra.get("control_after_generate")) + bool(extra.get("image_upload"))
+            assert len(node["widgets_values"]) == widgets, (workflow.name, node["type"])
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
+def test_api_workflow_runs_to_a_saved_image(server, workflow):
+    from PIL import Image
+
+    prompt = quick(workflow)
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", errors(entry)
+    save_id, _ = node_of(prompt, "SaveImage")
+    (saved,) = entry["outputs"][save_id]["images"]
+    with Image.open(server.base / "output" / saved["subfolder"] / saved["filename"]) as image:
+        assert image.size == (SIZE, SIZE)
+    points_id, _ = node_of(prompt, "AdaptiveDrag_DragPoints")
+    (shown,) = entry["outputs"][points_id]["adaptivedrag_image"]
+    assert shown["type"] == "temp" and (server.base / "temp" / shown["subfolder"] / shown["filename"]).is_file()
+
+
+def test_moving_only_the_points_reuses_the_cached_lora_and_inversion(server):
+    workflow = PACK_DIR / "workflows" / "api" / "freedrag.json"
+    first = server.run(quick(workflow, pairs=[((20, 30), (28, 30))]))
+    prompt = quick(workflow, pairs=[((40, 20), (40, 30))])
+    second = server.run(prompt)
+    assert first["status"]["status_str"] == second["status"]["status_str"] == "success", errors(second)
+    (cached,) = messages(second, "execution_cached")
+    lora_id, _ = node_of(prompt, "AdaptiveDrag_IdentityLoRA")
+    inversion_id, _ = node_of(prompt, "AdaptiveDrag_DDIMInversion")
+    drag_id, _ = node_of(prompt, "AdaptiveDrag_SemanticDrag")
+    assert lora_id in cached["nodes"] and inversion_id in cached["nodes"]
+    assert drag_id not in cached["nodes"]
+
+
+def test_a_bad_widget_value_is_refused_with_the_node_named(server):
+    prompt = quick(PACK_DIR / "workflows" / "api" / "freedrag.json")
+    drag_id, drag_node = node_of(prompt, "AdaptiveDrag_SemanticDrag")
+    drag_node["inputs"]["method"] = "teleport"
+    status, answer = server.post_prompt(prompt)
+    assert status == 400
+    assert "teleport" in json.dumps(answer["node_errors"][drag_id])
+
+
+def test_an_error_in_a_node_is_reported_on_that_node_and_the_server_keeps_running(server):
+    prompt = quick(PACK_DIR / "workflows" / "api" / "freedrag.json")
+    points_id, points_node = node_of(prompt, "AdaptiveDrag_DragPoints")
+    points_node["inputs"]["points_json"] = points_json([((100, 100), (300, 200))], width=640, height=480)
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "error"
+    (error,) = messages(entry, "execution_error")
+    assert error["node_id"] == points_id
+    assert "image is 64x64 but points were placed on 640x480" in error["exception_message"]
+    assert server.get("/system_stats")["system"]

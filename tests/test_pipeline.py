@@ -1,0 +1,87 @@
+"""The whole edit with the tiny model: shapes, caching of LoRA/inversion/reference, determinism, inference mode."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaptivedrag_core import lora as lora_module
+from adaptivedrag_core.errors import InputError
+from adaptivedrag_core.models import tiny_sd_components
+from adaptivedrag_core.pipeline import DragPipeline, EditSettings, step_budget
+from adaptivedrag_core.points import DragPoints
+
+
+def _settings(method="adaptive", **overrides):
+    base = dict(work_size=64, lora_steps=2, num_steps=10, drag_options=step_budget(method, 3))
+    return EditSettings(method=method, **{**base, **overrides})
+
+
+def _picture(mode="RGB", size=(45, 38)):
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 4), dtype=np.uint8), "RGBA").convert(mode)
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return DragPipeline(tiny_sd_components(seed=0), model_id="tiny")
+
+
+def test_edit_returns_an_image_like_the_input(pipeline):
+    image = _picture("RGBA")
+    points = DragPoints.from_pairs(["10,10:20,12"], *image.size)
+    result = pipeline.edit(image, points, _settings())
+    assert result.image.size == image.size and result.image.mode == "RGBA"
+    assert np.array_equal(np.asarray(result.image.getchannel("A")), np.asarray(image.getchannel("A")))
+    assert len(result.final_handles) == 1 and 1 <= result.drag_steps <= 6
+    assert set(result.timings) == {"inversion", "reference", "drag", "sampling", "decode"}
+
+
+def test_second_drag_on_the_same_image_reuses_lora_inversion_and_reference(pipeline, monkeypatch):
+    image = _picture()
+    pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), _settings(method="dragdiffusion"))
+    monkeypatch.setattr(lora_module, "train_identity_lora", _must_not_train)
+    again = pipeline.edit(image, DragPoints.from_pairs(["30,20:25,30"], *image.size), _settings(method="freedrag"))
+    assert again.reused == ["inversion", "lora", "reference"]
+
+
+def test_disk_cache_survives_a_new_pipeline(tmp_path, monkeypatch):
+    image = _picture()
+    points = DragPoints.from_pairs(["10,10:20,12"], *image.size)
+    first = DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path)
+    expected = first.edit(image, points, _settings())
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["inversion", "lora"]
+    monkeypatch.setattr(lora_module, "train_identity_lora", _must_not_train)
+    second = DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path)
+    result = second.edit(image, points, _settings())
+    assert "lora" in result.reused and "inversion" in result.reused
+    assert np.array_equal(np.asarray(result.image), np.asarray(expected.image))
+
+
+def test_same_seed_same_result_and_inference_mode_changes_nothing(pipeline):
+    image = _picture()
+    points = DragPoints.from_pairs(["10,10:20,12"], *image.size)
+    settings = _settings(seed=3, closs=True)
+    first = pipeline.edit(image, points, settings)
+    fresh = DragPipeline(tiny_sd_components(seed=0), model_id="tiny")
+    with torch.inference_mode():  # how ComfyUI runs every node
+        second = fresh.edit(image, points, settings)
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
+
+
+def test_mask_and_regions_must_match_the_image(pipeline):
+    image = _picture()
+    points = DragPoints.from_pairs(["10,10:20,12"], *image.size)
+    with pytest.raises(InputError, match="mask is 10x10 but the image is 45x38"):
+        pipeline.edit(image, points, _settings(), mask=np.ones((10, 10), bool))
+    with pytest.raises(InputError, match="image is 45x38 but points were placed on 40x40"):
+        pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], 40, 40), _settings())
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(InputError, match="unknown method 'nope'"):
+        EditSettings(method="nope")
+
+
+def _must_not_train(*args, **kwargs):
+    raise AssertionError("the identity LoRA was trained again")
