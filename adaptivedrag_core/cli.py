@@ -65,6 +65,9 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--method", default="adaptive", choices=("adaptive", "freedrag", "dragdiffusion"))
     p.add_argument("--closs", action=argparse.BooleanOptionalAction, default=None,
                    help="correspondence loss while sampling (default: on for adaptive)")
+    p.add_argument("--closs-kind", default="contrastive", choices=("contrastive", "mse"),
+                   help="CLoss form: the paper's contrastive loss, or the public code's MSE")
+    p.add_argument("--closs-weight", type=float, default=1.0, help="CLoss step-size multiplier (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-steps", type=int, default=None, help="identity LoRA steps (default 80; 0 skips)")
     p.add_argument("--lora", help="LoRA .safetensors: loaded if it exists, else trained and saved there")
@@ -125,11 +128,23 @@ def run_edit(args) -> int:
     elif args.mask:
         mask = load_mask(args.mask, image.width, image.height)
     settings = _settings(args)
+    lora_file = Path(args.lora) if args.lora else None
+    given_lora = None
+    if lora_file is not None and lora_file.exists():
+        from .lora import load_lora
+
+        given_lora = load_lora(lora_file)
     pipeline = _pipeline(args)
 
     from .progress import TqdmProgress
 
-    result = pipeline.edit(image, points, settings, mask=mask, regions=regions, progress_factory=TqdmProgress)
+    result = pipeline.edit(image, points, settings, mask=mask, regions=regions, progress_factory=TqdmProgress,
+                           lora=given_lora)
+    if lora_file is not None and given_lora is None and result.lora is not None:
+        from .lora import save_lora
+
+        save_lora(result.lora, lora_file)
+        print(f"saved the identity LoRA to {lora_file}; pass --lora {lora_file} again to reuse it")
     _save(result.image, out, args.force)
     from .preview import side_by_side
 
@@ -145,6 +160,7 @@ def _settings(args):
     from .pipeline import EditSettings, step_budget
 
     settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, closs=args.closs,
+                            closs_kind=args.closs_kind, closs_weight=args.closs_weight,
                             num_steps=args.ddim_steps, strength=args.strength)
     drag_steps = args.drag_steps
     if args.demo:

@@ -164,9 +164,9 @@ def _cached_layers(unet: torch.nn.Module, lora_state: dict) -> dict:
     _put_modules(unet, {path: layer.base_layer for path, layer in layers.items()})
     with torch.inference_mode(False), torch.no_grad():
         for path, (down, up) in pairs.items():
-            lora_down, lora_up = _lora_parameters(layers[path])
-            lora_down.copy_(down)
-            lora_up.copy_(up)
+            for parameter, value in zip(_lora_parameters(layers[path]), (down, up)):
+                parameter.copy_(value)
+                parameter.requires_grad_(False)  # fixed weights: gradients flow through them, not into them
     _LAYER_CACHE[unet] = _CachedLayers(lora_state, layers)
     return layers
 
@@ -206,7 +206,8 @@ def _inject_lora_layers(unet: torch.nn.Module, targets: tuple, rank: int, seed: 
     if any(isinstance(module, BaseTunerLayer) for module in unet.modules()):
         raise RuntimeError("the UNet already carries peft adapter layers (is identity_lora already active?)")
     attributes = set(vars(unet))
-    requires_grad = {name: parameter.requires_grad for name, parameter in unet.named_parameters()}
+    # By identity: peft renames the wrapped weights ("to_q.weight" -> "to_q.base_layer.weight").
+    requires_grad = [(parameter, parameter.requires_grad) for parameter in unet.parameters()]
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
     # Outside inference mode so the layers can take part in autograd; on a forked RNG so peft's random
     # initialisation is seeded and leaves the caller's global RNG untouched.
@@ -215,9 +216,8 @@ def _inject_lora_layers(unet: torch.nn.Module, targets: tuple, rank: int, seed: 
         inject_adapter_in_model(config, unet, adapter_name=ADAPTER_NAME)
     for name in set(vars(unet)) - attributes:
         delattr(unet, name)
-    for name, parameter in unet.named_parameters():
-        if name in requires_grad:
-            parameter.requires_grad_(requires_grad[name])
+    for parameter, flag in requires_grad:
+        parameter.requires_grad_(flag)
     return {path: module for path, module in unet.named_modules() if isinstance(module, BaseTunerLayer)}
 
 

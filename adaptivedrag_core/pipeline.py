@@ -116,6 +116,7 @@ class EditResult:
         drag_steps: optimisation steps used.
         timings: seconds per stage (a reused stage shows as 0 and is listed in ``reused``).
         reused: stages taken from the cache.
+        lora: the identity-LoRA weights used (None when LoRA was off), e.g. to save them.
     """
 
     image: Image.Image
@@ -124,6 +125,7 @@ class EditResult:
     drag_steps: int
     timings: dict
     reused: list
+    lora: Optional[dict] = None
 
 
 class DragPipeline:
@@ -189,14 +191,25 @@ class DragPipeline:
                 save_lora(state, disk, overwrite=True)
         return self._store("lora", key, state)
 
-    def invert(self, working: WorkingImage, settings: EditSettings, progress_factory=None) -> Inversion:
-        """Encode, train (or reuse) the identity LoRA, and DDIM-invert (or reuse) the image."""
+    def invert(self, working: WorkingImage, settings: EditSettings, progress_factory=None,
+               lora: Optional[dict] = None) -> Inversion:
+        """Encode, train (or reuse) the identity LoRA, and DDIM-invert (or reuse) the image.
+
+        Args:
+            working: the prepared image.
+            settings: the edit's settings.
+            progress_factory: ``factory(stage_name) -> progress``.
+            lora: identity-LoRA weights to use instead of training (e.g. loaded from a file).
+        """
         progress_factory = progress_factory or (lambda name: None)
         clean = self.encode_image(working)
         text_embeddings = self.encode_prompt(settings.prompt)
-        lora_key = self._key("lora", working.pixels, settings.prompt, settings.seed, settings.lora_steps,
-                             settings.lora_rank, settings.lora_lr, settings.lora_batch_size)
-        lora = self.train_lora(clean, text_embeddings, settings, lora_key, progress_factory("identity LoRA"))
+        if lora is not None:
+            lora_key = self._key("given-lora", *(lora[name] for name in sorted(lora)))
+        else:
+            lora_key = self._key("lora", working.pixels, settings.prompt, settings.seed, settings.lora_steps,
+                                 settings.lora_rank, settings.lora_lr, settings.lora_batch_size)
+            lora = self.train_lora(clean, text_embeddings, settings, lora_key, progress_factory("identity LoRA"))
         key = self._key("inversion", lora_key, settings.num_steps, settings.strength)
         schedule = make_schedule(self.components.make_scheduler(), settings.num_steps, settings.strength)
         inverted = self._cached("inversion", key)
@@ -255,6 +268,7 @@ class DragPipeline:
         mask: Optional[np.ndarray] = None,
         regions: Optional[np.ndarray] = None,
         progress_factory: Optional[Callable[[str], ProgressFn]] = None,
+        lora: Optional[dict] = None,
     ) -> EditResult:
         """Drag-edit ``image``.
 
@@ -265,6 +279,7 @@ class DragPipeline:
             mask: optional bool [H, W] at image size, True = may change.
             regions: optional int [H, W] superpixel labels at image size (for the adaptive method).
             progress_factory: ``factory(stage_name) -> progress`` callback for each long stage.
+            lora: identity-LoRA weights to use instead of training one.
         """
         settings = settings or EditSettings()
         progress_factory = progress_factory or (lambda name: None)
@@ -283,7 +298,7 @@ class DragPipeline:
         stage = _StageRunner(progress_factory, timings)
         self._hits.clear()
         with stage("inversion", None):
-            inversion = self.invert(working, settings, progress_factory)
+            inversion = self.invert(working, settings, progress_factory, lora)
         with stage("reference", "reference branch") as progress:
             reference = self.reference(inversion, settings, progress)
         reused = sorted(self._hits)
@@ -295,7 +310,7 @@ class DragPipeline:
         with stage("decode", None):
             edited = working.restore(self.decode_latent(latent))
         final = [_grid_to_image(p, feature_size, image.size) for p in result.handles]
-        return EditResult(edited, points, final, int(result.steps), timings, reused)
+        return EditResult(edited, points, final, int(result.steps), timings, reused, inversion.lora)
 
     # ---------------------------------------------------------------- helpers
     def _cached(self, stage: str, key: str):

@@ -25,7 +25,8 @@ class CLossSettings:
     """Correspondence-loss settings.
 
     Args:
-        weight: multiplies the loss (0 disables it).
+        weight: scales CLoss's step size, lr x weight (Adam ignores a loss's scale, so weighting the loss itself
+            would change nothing); 0 disables it.
         kind: "contrastive" (the paper's symmetric cross-entropy on cosine similarities) or "mse" (public code).
         patch_radius: half-size of the latent patches compared (5 -> 11x11, as in the public code).
         lr: Adam learning rate on the current latent (0.01).
@@ -115,7 +116,7 @@ def sample_dragged(
             if use_closs and (closs.steps is None or i < closs.steps):
                 if optimizer is None:
                     latent.requires_grad_(True)
-                    optimizer = torch.optim.Adam([latent], lr=closs.lr)
+                    optimizer = torch.optim.Adam([latent], lr=closs.lr * closs.weight)
                 noise = _closs_update(noise_fn, latent, t, schedule, optimizer, closs, original_latent,
                                       handles, targets)
             else:
@@ -135,7 +136,7 @@ def _closs_update(noise_fn, latent, timestep, schedule, optimizer, closs, origin
         optimizer.zero_grad(set_to_none=True)
         noise = noise_fn(latent, timestep)
         clean = predict_clean(latent, noise, schedule.alpha(timestep))
-        loss = closs.weight * correspondence_loss(
+        loss = correspondence_loss(
             clean, original_latent, handles, targets, kind=closs.kind, patch_radius=closs.patch_radius
         )
         loss.backward()

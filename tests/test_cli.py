@@ -88,3 +88,18 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     # A second run refuses to overwrite, a forced one succeeds.
     assert main(["edit", "--demo", "--out", str(out_path), *fast]) == 2
     assert main(["edit", "--demo", "--out", str(out_path), *fast, "--force"]) == 0
+
+
+def test_lora_file_is_saved_then_reused(tmp_path, capsys, monkeypatch):
+    from adaptivedrag_core import lora as lora_module
+
+    fast = ["--lora-steps", "2", "--drag-steps", "2", "--work-size", "64", "--ddim-steps", "6", "--no-closs"]
+    lora_file = tmp_path / "identity.safetensors"
+    assert main(["edit", "--demo", "--out", str(tmp_path / "a.png"), "--lora", str(lora_file), *fast]) == 0
+    assert lora_file.is_file()
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("trained again although --lora names an existing file")
+
+    monkeypatch.setattr(lora_module, "train_identity_lora", must_not_train)
+    assert main(["edit", "--demo", "--out", str(tmp_path / "b.png"), "--lora", str(lora_file), *fast]) == 0

@@ -280,13 +280,26 @@ def test_moving_only_the_points_reuses_the_cached_lora_and_inversion(server):
     assert drag_id not in cached["nodes"]
 
 
-def test_a_bad_widget_value_is_refused_with_the_node_named(server):
+def test_a_bad_graph_is_refused_with_the_node_and_input_named(server):
+    prompt = quick(PACK_DIR / "workflows" / "api" / "freedrag.json")
+    drag_id, drag_node = node_of(prompt, "AdaptiveDrag_SemanticDrag")
+    del drag_node["inputs"]["drag_points"]
+    drag_node["inputs"]["steps"] = 0
+    status, answer = server.post_prompt(prompt)
+    assert status == 400
+    problems = answer["node_errors"][drag_id]["errors"]
+    assert {problem["type"] for problem in problems} == {"required_input_missing", "value_smaller_than_min"}
+    assert {problem["extra_info"]["input_name"] for problem in problems} == {"drag_points", "steps"}
+
+
+def test_an_unknown_option_is_reported_on_its_node(server):
+    # This ComfyUI does not check V3 combo values when a prompt is queued; the node itself names the problem.
     prompt = quick(PACK_DIR / "workflows" / "api" / "freedrag.json")
     drag_id, drag_node = node_of(prompt, "AdaptiveDrag_SemanticDrag")
     drag_node["inputs"]["method"] = "teleport"
-    status, answer = server.post_prompt(prompt)
-    assert status == 400
-    assert "teleport" in json.dumps(answer["node_errors"][drag_id])
+    entry = server.run(prompt)
+    (error,) = messages(entry, "execution_error")
+    assert error["node_id"] == drag_id and "unknown method 'teleport'" in error["exception_message"]
 
 
 def test_an_error_in_a_node_is_reported_on_that_node_and_the_server_keeps_running(server):

@@ -1,0 +1,220 @@
+"""Identity LoRA: training, the identity_lora context, and saving/loading, on the tiny SD1.x model."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from adaptivedrag_core.errors import InputError
+from adaptivedrag_core.lora import identity_lora, load_lora, save_lora, train_identity_lora
+from adaptivedrag_core.models import SD15_SCHEDULER_CONFIG, encode_prompt, tiny_sd_components
+
+STEPS = 8
+TRAINING = dict(steps=STEPS, lr=5e-3, batch_size=2, rank=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_sd_components(seed=0)
+
+
+@pytest.fixture(scope="module")
+def image(tiny):
+    """A fixed latent (the stand-in for the encoded image) and the empty prompt's embeddings."""
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    return latent, encode_prompt(tiny, "")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, image):
+    """Weights, outputs and module layout of the UNet before training, and the LoRA trained with TRAINING."""
+    unet = tiny.unet
+    before = {
+        "weights": {key: value.clone() for key, value in unet.state_dict().items()},
+        "modules": [(name, type(module)) for name, module in unet.named_modules()],
+        "attributes": set(vars(unet)),
+        "output": _prediction(unet, image),
+    }
+    calls = []
+    state = train_identity_lora(unet, *image, progress=lambda step, total: calls.append((step, total)), **TRAINING)
+    return before, state, calls
+
+
+def _prediction(unet, image):
+    latent, context = image
+    noisy = torch.randn(latent.shape, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        return unet(noisy, 300, encoder_hidden_states=context).sample
+
+
+def _denoising_loss(unet, image, draws=16):
+    """Epsilon-prediction loss of the image at fixed timesteps and noises (the quantity training lowers)."""
+    from diffusers import DDPMScheduler
+
+    latent, context = image
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    schedule = DDPMScheduler(**{key: SD15_SCHEDULER_CONFIG[key] for key in keys})
+    generator = torch.Generator().manual_seed(123)
+    noise = torch.randn((draws,) + latent.shape[1:], generator=generator)
+    timesteps = torch.randint(0, 1000, (draws,), generator=generator)
+    noisy = schedule.add_noise(latent.expand(draws, -1, -1, -1), noise, timesteps)
+    with torch.no_grad():
+        prediction = unet(noisy, timesteps, encoder_hidden_states=context.expand(draws, -1, -1)).sample
+    return torch.nn.functional.mse_loss(prediction, noise).item()
+
+
+def _assert_unet_as_before(unet, before, image):
+    weights = unet.state_dict()
+    assert weights.keys() == before["weights"].keys()
+    assert all(torch.equal(weights[key], value) for key, value in before["weights"].items())
+    assert [(name, type(module)) for name, module in unet.named_modules()] == before["modules"]
+    assert set(vars(unet)) == before["attributes"]
+    assert not any(parameter.requires_grad for parameter in unet.parameters())
+    assert torch.equal(_prediction(unet, image), before["output"])
+
+
+def test_state_covers_every_attention_projection(tiny, trained):
+    _, state, _ = trained
+    projections = [name for name, _ in tiny.unet.named_modules() if name.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+
+    assert sorted(state) == sorted(f"{name}.lora_{ab}.weight" for name in projections for ab in "AB")
+    assert all(value.dtype == torch.float32 and value.device.type == "cpu" for value in state.values())
+    assert {state[f"{name}.lora_A.weight"].shape[0] for name in projections} == {TRAINING["rank"]}
+
+
+def test_progress_is_called_every_step(trained):
+    _, _, calls = trained
+    assert calls == [(step, STEPS) for step in range(1, STEPS + 1)]
+
+
+def test_training_leaves_the_unet_unchanged(tiny, trained, image):
+    before, _, _ = trained
+    _assert_unet_as_before(tiny.unet, before, image)
+
+
+def test_training_lowers_the_denoising_loss(tiny, trained, image):
+    _, state, _ = trained
+    loss_before = _denoising_loss(tiny.unet, image)
+    with identity_lora(tiny.unet, state):
+        loss_with_lora = _denoising_loss(tiny.unet, image)
+    assert loss_with_lora < loss_before
+
+
+def test_identity_lora_changes_output_then_restores_the_unet(tiny, trained, image):
+    before, state, _ = trained
+    with identity_lora(tiny.unet, state) as unet:
+        assert unet is tiny.unet
+        inside = _prediction(unet, image)
+    assert not torch.allclose(inside, before["output"])
+    _assert_unet_as_before(tiny.unet, before, image)
+
+
+def test_identity_lora_restores_the_unet_after_an_error(tiny, trained, image):
+    before, state, _ = trained
+    with pytest.raises(KeyError):
+        with identity_lora(tiny.unet, state):
+            raise KeyError("inside")
+    _assert_unet_as_before(tiny.unet, before, image)
+
+
+def test_entering_again_with_the_same_state_reuses_its_layers(tiny, trained, image):
+    _, state, _ = trained
+    path = next(name for name, _ in tiny.unet.named_modules() if name.endswith("attn1.to_q"))
+    with identity_lora(tiny.unet, state):
+        first_layer, first_output = tiny.unet.get_submodule(path), _prediction(tiny.unet, image)
+    with identity_lora(tiny.unet, state):
+        assert tiny.unet.get_submodule(path) is first_layer
+        assert torch.equal(_prediction(tiny.unet, image), first_output)
+    copied = {key: value.clone() for key, value in state.items()}
+    with identity_lora(tiny.unet, copied):
+        assert tiny.unet.get_submodule(path) is not first_layer
+        assert torch.equal(_prediction(tiny.unet, image), first_output)
+
+
+def test_identity_lora_keeps_requires_grad_flags(tiny, trained):
+    _, state, _ = trained
+    fresh_state = {key: value.clone() for key, value in state.items()}  # not cached yet: peft injects anew
+    tiny.unet.requires_grad_(True)
+    try:
+        with identity_lora(tiny.unet, fresh_state):
+            lora_weights = [p for name, p in tiny.unet.named_parameters() if "lora_" in name]
+            assert lora_weights and not any(p.requires_grad for p in lora_weights)
+        assert all(parameter.requires_grad for parameter in tiny.unet.parameters())
+    finally:
+        tiny.unet.requires_grad_(False)
+
+
+def test_identity_lora_takes_gradients_inside_inference_mode(tiny, trained, image):
+    # The drag stage optimises the latent through the UNet with the LoRA active, called from ComfyUI's
+    # inference mode.
+    _, state, _ = trained
+    latent, context = image
+    with torch.inference_mode(), identity_lora(tiny.unet, state):
+        with torch.inference_mode(False), torch.enable_grad():
+            variable = latent.clone().requires_grad_(True)
+            tiny.unet(variable, 300, encoder_hidden_states=context.clone()).sample.square().mean().backward()
+    assert variable.grad is not None and variable.grad.abs().sum() > 0
+
+
+def test_training_is_deterministic_and_works_in_inference_mode(tiny, trained, image):
+    before, state, _ = trained
+    latent, context = image
+    with torch.inference_mode():
+        inference_image = (latent.clone(), context.clone())
+        again = train_identity_lora(tiny.unet, *inference_image, **TRAINING)
+    other_seed = train_identity_lora(tiny.unet, *image, **{**TRAINING, "steps": 1, "seed": 1})
+    same_seed_short = train_identity_lora(tiny.unet, *image, **{**TRAINING, "steps": 1})
+
+    assert all(torch.equal(again[key], state[key]) for key in state)
+    assert any(not torch.equal(other_seed[key], same_seed_short[key]) for key in state)
+    _assert_unet_as_before(tiny.unet, before, image)
+
+
+def test_lora_for_another_unet_is_refused(tiny, trained):
+    _, state, _ = trained
+    key = next(key for key in state if key.endswith("attn2.to_k.lora_A.weight"))
+    wrong = {**state, key: torch.zeros(TRAINING["rank"], 768)}
+    with pytest.raises(InputError, match="does not fit this UNet.*to_k"):
+        with identity_lora(tiny.unet, wrong):
+            pass
+
+
+def test_save_and_load_round_trip(trained, tmp_path):
+    _, state, _ = trained
+    path = save_lora(state, tmp_path / "loras" / "identity.safetensors", metadata={"image": "abc", "steps": 8})
+
+    loaded = load_lora(path)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[key], state[key]) for key in state)
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata()["image"] == "abc"
+        assert handle.metadata()["steps"] == "8"
+        assert handle.metadata()["rank"] == str(TRAINING["rank"])
+
+
+def test_save_refuses_to_overwrite(trained, tmp_path):
+    _, state, _ = trained
+    path = tmp_path / "identity.safetensors"
+    path.write_bytes(b"precious")
+
+    with pytest.raises(InputError, match="already exists.*overwrite=True"):
+        save_lora(state, path)
+    assert path.read_bytes() == b"precious"
+
+    save_lora(state, path, overwrite=True)
+    assert load_lora(path).keys() == state.keys()
+
+
+def test_load_missing_or_invalid_files(tmp_path):
+    with pytest.raises(InputError, match="LoRA file not found: .*absent.safetensors"):
+        load_lora(tmp_path / "absent.safetensors")
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00notjson!")
+    with pytest.raises(InputError, match="cannot read LoRA file .*junk.safetensors"):
+        load_lora(junk)
+
+    not_lora = tmp_path / "weights.safetensors"
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(not_lora))
+    with pytest.raises(InputError, match="weights.safetensors is not a LoRA state"):
+        load_lora(not_lora)

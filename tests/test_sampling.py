@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from adaptivedrag_core.drag.closs import correspondence_loss
+from adaptivedrag_core.inversion import make_schedule
+from adaptivedrag_core.sampling import CLossSettings, record_reference, sample_dragged
+
+HANDLES, TARGETS = [(4.0, 4.0)], [(10.0, 9.0)]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, empty_prompt):
+    schedule = make_schedule(tiny.make_scheduler(), 10, 0.7)
+    generator = torch.Generator().manual_seed(0)
+    original = torch.randn(1, 4, 16, 16, generator=generator)
+    inverted = torch.randn(1, 4, 16, 16, generator=generator)
+    reference = record_reference(tiny.unet, empty_prompt, schedule, inverted)
+    return schedule, original, inverted, reference
+
+
+def _sample(tiny, empty_prompt, setup, closs):
+    schedule, original, inverted, reference = setup
+    return sample_dragged(tiny.unet, empty_prompt, schedule, inverted, reference, closs=closs,
+                          original_latent=original, handles=HANDLES, targets=TARGETS)
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "mse"])
+def test_closs_pulls_the_target_patch_toward_the_handle_patch(tiny, empty_prompt, setup, kind):
+    original = setup[1]
+    plain = _sample(tiny, empty_prompt, setup, None)
+    pulled = _sample(tiny, empty_prompt, setup, CLossSettings(kind=kind, weight=5.0))
+    before = correspondence_loss(plain, original, HANDLES, TARGETS, kind=kind)
+    after = correspondence_loss(pulled, original, HANDLES, TARGETS, kind=kind)
+    assert after < before
+
+
+def test_zero_weight_is_no_closs(tiny, empty_prompt, setup):
+    plain = _sample(tiny, empty_prompt, setup, None)
+    assert torch.equal(_sample(tiny, empty_prompt, setup, CLossSettings(weight=0.0)), plain)
+
+
+def test_closs_needs_points(tiny, empty_prompt, setup):
+    schedule, original, inverted, reference = setup
+    with pytest.raises(ValueError, match="CLoss needs"):
+        sample_dragged(tiny.unet, empty_prompt, schedule, inverted, reference, closs=CLossSettings())
