@@ -38,15 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adaptivedrag_core", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command")
     add_edit_parser(subparsers)
-    for module in _optional_commands():
+    for module in _command_modules():
         module.add_parser(subparsers)
     return parser
 
 
-def _optional_commands():
-    from . import cli_mask
+def _command_modules():
+    from . import cli_bench, cli_mask
 
-    return [cli_mask]
+    return [cli_mask, cli_bench]
 
 
 def add_edit_parser(subparsers) -> None:

@@ -130,6 +130,18 @@ def _unit_variance_scale(vae) -> float:
     return float(1.0 / latent.std())
 
 
+def random_sd15_components(device="cpu") -> SDComponents:
+    """Full-size SD1.5 (UNet, VAE, CLIP text encoder) with random weights, built directly on ``device``.
+
+    For speed and memory measurements, which do not depend on the weights. No tokenizer: an empty prompt
+    needs none.
+    """
+    configs = _read_configs(SD15_CONFIG_DIR)
+    with torch.device(device):
+        modules = {part: _build_module(part, configs[part]).eval().requires_grad_(False) for part in MODEL_PARTS}
+    return SDComponents(**modules, tokenizer=None)
+
+
 def tiny_clip_tokenizer():
     """A CLIP BPE tokenizer with a character-level vocabulary and no merges (any text tokenises)."""
     from transformers import CLIPTokenizer
@@ -189,8 +201,9 @@ def load_sd15(
         device: where to put the modules (default: stay on the CPU).
         dtype: parameter dtype of all three modules (default float32). fp16/bf16 is the caller's choice on a
             GPU; the SD1.5 VAE usually decodes fine in fp16, but use float32 for it if decodes come out black/NaN.
-        tokenizer_path: a CLIP tokenizer folder (``vocab.json`` and ``merges.txt``, or ``tokenizer.json``); when given it is used instead of
-            the diffusers folder's ``tokenizer/``. Without any tokenizer only the empty prompt can be encoded.
+        tokenizer_path: a CLIP tokenizer folder (``vocab.json`` and ``merges.txt``, or ``tokenizer.json``); when
+            given it is used instead of the diffusers folder's ``tokenizer/``. CLIP's vocabulary is not bundled:
+            without any tokenizer only the empty prompt can be encoded.
         config_dir: folder with ``unet/``, ``vae/``, ``text_encoder/`` ``config.json`` describing the expected
             architecture (default: SD1.5's, bundled). Single-file checkpoints are built from these configs, and
             every model's weights must have exactly their shapes, otherwise it is "not SD1.x".
@@ -289,7 +302,8 @@ def _check_weights(part: str, weights: dict, expected: dict, source: Path) -> No
     wrong = [(key, tuple(weights[key].shape), tuple(shape)) for key, shape in expected.items()
              if key in weights and weights[key].shape != shape]
     if wrong:
-        key, found, wanted = wrong[0]
+        # A different text-conditioning width is the usual sign of another model family: name it if present.
+        key, found, wanted = next((w for w in wrong if w[0].endswith("attn2.to_k.weight")), wrong[0])
         detail = f"{name} weight '{key}' has shape {found}, SD1.x has {wanted}"
         if key.endswith("attn2.to_k.weight"):
             detail = f"its cross-attention (text) dim is {found[1]}, SD1.x uses {wanted[1]}"
@@ -315,7 +329,7 @@ def _load_diffusers_folder(folder: Path, configs: dict, dtype: torch.dtype) -> d
         subfolder = folder / part
         try:
             module = classes[part].from_pretrained(
-                subfolder, local_files_only=True, variant=_weights_variant(subfolder), torch_dtype=dtype
+                subfolder, local_files_only=True, variant=weights_variant(subfolder), torch_dtype=dtype
             )
         except (OSError, ValueError, KeyError) as error:
             raise InputError(f"cannot load the {_PART_NAMES[part]} from {subfolder}: {error}") from error
@@ -324,7 +338,7 @@ def _load_diffusers_folder(folder: Path, configs: dict, dtype: torch.dtype) -> d
     return modules
 
 
-def _weights_variant(subfolder: Path) -> Optional[str]:
+def weights_variant(subfolder: Path) -> Optional[str]:
     # Some SD1.5 folders ship only "*.fp16.safetensors" weights.
     weights = [p.name for p in subfolder.iterdir() if p.suffix in (".safetensors", ".bin")]
     if weights and all(".fp16." in name for name in weights):
@@ -341,7 +355,9 @@ def _load_single_file(path: Path, configs: dict, dtype: torch.dtype) -> dict[str
         if not any(key.startswith(prefix) for key in checkpoint):
             raise InputError(f"{path} has no {_PART_NAMES[part]} weights (no keys starting with '{prefix}')")
         weights = _convert_ldm_part(part, checkpoint, configs[part], path)
-        _check_weights(part, weights, _expected_shapes(part, configs[part]), path)
+        expected = _expected_shapes(part, configs[part])
+        _check_weights(part, weights, expected, path)
+        weights = {key: weights[key] for key in expected}  # only what the module has
         modules[part] = _module_with_weights(part, configs[part], weights, dtype)
     return modules
 
@@ -381,7 +397,8 @@ def _check_sd1x_family(checkpoint: dict, path: Path) -> None:
     if any(key.startswith("cond_stage_model.model.") for key in checkpoint):
         raise InputError(f"checkpoint is not SD1.x: {path} looks like SD2.x (its text encoder is OpenCLIP)")
     unet_prefix = LDM_PREFIXES["unet"]
-    if any(key.startswith(unet_prefix) for key in checkpoint) and f"{unet_prefix}input_blocks.0.0.weight" not in checkpoint:
+    has_unet_keys = any(key.startswith(unet_prefix) for key in checkpoint)
+    if has_unet_keys and f"{unet_prefix}input_blocks.0.0.weight" not in checkpoint:
         raise InputError(f"checkpoint is not SD1.x: {path} has no SD UNet ('{unet_prefix}input_blocks...')")
 
 

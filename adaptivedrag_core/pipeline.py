@@ -24,7 +24,7 @@ from .features import make_feature_fn
 from .images import WorkingImage, prepare_image, resize_labels
 from .inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
 from .models import SDComponents, encode_prompt
-from .points import DragPoints
+from .points import DragPoints, map_point
 from .progress import ProgressFn
 from .sampling import CLossSettings, ReferenceBranch, record_reference, sample_dragged
 
@@ -80,6 +80,11 @@ class EditSettings:
 
     def closs_settings(self) -> Optional[CLossSettings]:
         return CLossSettings(weight=self.closs_weight, kind=self.closs_kind) if self.use_closs else None
+
+
+def feature_grid_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(width, height) of the drag feature map for an image (DragDiffusion: half the image size)."""
+    return (max(1, round(width * scale)), max(1, round(height * scale)))
 
 
 def step_budget(method: str, steps: int) -> dict:
@@ -146,7 +151,7 @@ class DragPipeline:
         for module, dtype in ((components.unet, self.dtype), (components.text_encoder, self.dtype),
                               (components.vae, torch.float32)):
             if module is not None:
-                _move(module, self.device, dtype)
+                place_module(module, self.device, dtype)
         self.model_id = model_id
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._memory: dict = {}
@@ -291,7 +296,7 @@ class DragPipeline:
         timings = {}
         working = prepare_image(image, settings.work_size)
         work_w, work_h = working.size
-        feature_size = (max(1, round(work_w * settings.feature_scale)), max(1, round(work_h * settings.feature_scale)))
+        feature_size = feature_grid_size(work_w, work_h, settings.feature_scale)
         handles, targets = points.to_grid(*feature_size)
         latent_handles, latent_targets = points.to_grid(work_w // VAE_DOWNSCALE, work_h // VAE_DOWNSCALE)
 
@@ -309,7 +314,7 @@ class DragPipeline:
                                  progress)
         with stage("decode", None):
             edited = working.restore(self.decode_latent(latent))
-        final = [_grid_to_image(p, feature_size, image.size) for p in result.handles]
+        final = [map_point(p, *feature_size, *image.size) for p in result.handles]
         return EditResult(edited, points, final, int(result.steps), timings, reused, inversion.lora)
 
     # ---------------------------------------------------------------- helpers
@@ -377,16 +382,10 @@ class _StageRunner:
                 close()
 
 
-def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    # Only cast when needed: diffusers warns on every dtype cast of a model.
+def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``module`` to ``device`` and ``dtype``, casting only when needed (diffusers warns on every cast)."""
     parameter = next(module.parameters())
     if parameter.device != device:
         module.to(device)
     if parameter.dtype != dtype:
         module.to(dtype)
-
-
-def _grid_to_image(point, grid_size, image_size):
-    (x, y), (gw, gh), (w, h) = point, grid_size, image_size
-    return ((float(x) + 0.5) * w / gw - 0.5, (float(y) + 0.5) * h / gh - 0.5)
-

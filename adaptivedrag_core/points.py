@@ -151,8 +151,8 @@ class DragPoints:
     def rescaled(self, width: int, height: int) -> "DragPoints":
         """The same points on an image of another size (pixel-centre aligned)."""
         return DragPoints(
-            tuple(_map_point(p, self.width, self.height, width, height) for p in self.handles),
-            tuple(_map_point(p, self.width, self.height, width, height) for p in self.targets),
+            tuple(map_point(p, self.width, self.height, width, height) for p in self.handles),
+            tuple(map_point(p, self.width, self.height, width, height) for p in self.targets),
             width,
             height,
         )
@@ -160,13 +160,17 @@ class DragPoints:
     def to_grid(self, grid_width: int, grid_height: int) -> tuple[list[Point], list[Point]]:
         """Handles and targets mapped onto a feature or latent grid of the given size (float coordinates)."""
         return (
-            [_map_point(p, self.width, self.height, grid_width, grid_height) for p in self.handles],
-            [_map_point(p, self.width, self.height, grid_width, grid_height) for p in self.targets],
+            [map_point(p, self.width, self.height, grid_width, grid_height) for p in self.handles],
+            [map_point(p, self.width, self.height, grid_width, grid_height) for p in self.targets],
         )
 
 
-def _map_point(point: Point, src_w: int, src_h: int, dst_w: int, dst_h: int) -> Point:
-    # Pixel centres: x + 0.5 scales with the image, so the grid point covers the same content.
+def map_point(point: Point, src_w: float, src_h: float, dst_w: float, dst_h: float) -> Point:
+    """Map (x, y) from a src_w x src_h pixel grid to a dst_w x dst_h grid (an image, a feature map or a latent).
+
+    Pixel centres are aligned (x + 0.5 scales with the grid), so the point covers the same content; the result
+    is clamped to the destination grid.
+    """
     x, y = point
     nx = (x + 0.5) * dst_w / src_w - 0.5
     ny = (y + 0.5) * dst_h / src_h - 0.5

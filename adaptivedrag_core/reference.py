@@ -16,7 +16,6 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}

@@ -47,6 +47,13 @@ class ReferenceBranch:
     recording: ReferenceRecording
     reconstruction: torch.Tensor
 
+    def to(self, device) -> "ReferenceBranch":
+        """A copy on ``device`` (or this branch, if it is there already)."""
+        if self.reconstruction.device == torch.device(device):
+            return self
+        moved = {slot: (k.to(device), v.to(device)) for slot, (k, v) in self.recording.keys_values.items()}
+        return ReferenceBranch(ReferenceRecording(moved), self.reconstruction.to(device))
+
 
 def _timesteps(schedule: DDIMSchedule):
     return [(i, t, schedule.previous(t)) for i, t in enumerate(schedule.timesteps)]

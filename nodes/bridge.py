@@ -1,9 +1,13 @@
 """ComfyUI's standard types to the core's and back: MODEL, CONDITIONING, LATENT, IMAGE, MASK.
 
 A ComfyUI MODEL becomes a diffusers ``UNet2DConditionModel`` that *shares* the model's weights: the
-UNet is built on the meta device and the ComfyUI tensors are assigned to it, so nothing is copied.
-ComfyUI first loads the model with its patches (LoraLoader and friends) applied, so the user's LoRAs
-are part of what the core sees. The given MODEL is never changed: a clone is loaded.
+UNet is built on the meta device and the ComfyUI tensors are assigned to it, so nothing is copied (except
+for the nodes that back-propagate, see :func:`core_model`). ComfyUI first loads the model with its patches
+(LoraLoader and friends) applied, so the user's LoRAs are part of what the core sees. The given MODEL is
+never changed: a clone is loaded.
+
+ComfyUI runs nodes under ``torch.inference_mode()``; tensors handed to the core are made ordinary first
+(:func:`ordinary`), so the core's optimisers can use them in autograd.
 """
 
 from __future__ import annotations
@@ -36,10 +40,6 @@ class CoreModel:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
 
 def core_model(model: Any, trainable: bool = False) -> CoreModel:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from adaptivedrag_core.drag.closs import CLOSS_KINDS
+from adaptivedrag_core.pipeline import VAE_DOWNSCALE
 from adaptivedrag_core.sampling import CLossSettings, record_reference, sample_dragged
 
 from .bridge import comfy_latent, core_model
@@ -9,9 +11,6 @@ from .ddim_inversion import lora_context
 from .runtime import node_progress, part_progress, release_memory
 from .semantic_drag import DraggedLatent
 from .spec import DRAGGED_LATENT, InputSpec, NodeResult, NodeSpec, OutputSpec
-
-CLOSS_KINDS = ("contrastive", "mse")
-VAE_DOWNSCALE = 8
 
 
 def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0, closs_kind: str = "contrastive",
@@ -40,8 +39,13 @@ def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0
     settings = CLossSettings(weight=closs_weight, kind=closs_kind) if closs else None
     progress = node_progress()
     with lora_context(core, inversion.lora):
-        reference = record_reference(core.unet, embeddings, inversion.schedule, inversion.inverted_latent.to(device),
-                                     reference_start_layer, reference_start_step, part_progress(progress, 0, 2))
+        key = (reference_start_layer, reference_start_step)
+        if key not in inversion.references:
+            recorded = record_reference(core.unet, embeddings, inversion.schedule,
+                                        inversion.inverted_latent.to(device), reference_start_layer,
+                                        reference_start_step, part_progress(progress, 0, 2))
+            inversion.references[key] = recorded.to("cpu")
+        reference = inversion.references[key].to(device)
         latent = sample_dragged(core.unet, embeddings, inversion.schedule, dragged.latent.to(device), reference,
                                 reference_start_layer, reference_start_step, closs=settings,
                                 original_latent=inversion.clean_latent.to(device), handles=handles,

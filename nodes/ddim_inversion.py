@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from adaptivedrag_core.inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
+from adaptivedrag_core.lora import identity_lora
 from adaptivedrag_core.models import SD15_SCHEDULER_CONFIG
+from adaptivedrag_core.pipeline import VAE_DOWNSCALE
 
 from .bridge import CoreModel, check_text_width, core_model, ordinary, scaled_latent, text_embeddings
 from .runtime import node_progress, release_memory
@@ -27,6 +29,9 @@ class InvertedLatent:
         inverted_latent: z_t at ``schedule.start_timestep``.
         schedule: the DDIM schedule from z_t back to z_0.
         text_embeddings: the prompt's embeddings [1, 77, D].
+        references: reference-branch recordings (on the CPU) by (start layer, start step), filled in by the
+            CLoss Sampler the first time it needs one. They depend only on this inversion, so every re-drag of
+            the same image reuses them, as it reuses the inversion itself.
     """
 
     model: Any
@@ -35,17 +40,16 @@ class InvertedLatent:
     inverted_latent: torch.Tensor
     schedule: DDIMSchedule
     text_embeddings: torch.Tensor
+    references: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(width, height) in pixels of the image the latent encodes (8 pixels per latent cell)."""
-        return self.clean_latent.shape[-1] * 8, self.clean_latent.shape[-2] * 8
+        """(width, height) in pixels of the image the latent encodes."""
+        return self.clean_latent.shape[-1] * VAE_DOWNSCALE, self.clean_latent.shape[-2] * VAE_DOWNSCALE
 
 
 def lora_context(core: CoreModel, lora: Optional[dict]):
     """Activate the identity LoRA on the bridged UNet for a ``with`` block (nothing without one)."""
-    from adaptivedrag_core.lora import identity_lora
-
     return identity_lora(core.unet, lora) if lora else nullcontext()
 
 

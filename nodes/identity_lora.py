@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from adaptivedrag_core.lora import train_identity_lora
 
 from .bridge import check_text_width, core_model, ordinary, scaled_latent, text_embeddings
 from .runtime import node_progress, release_memory
@@ -22,8 +22,6 @@ def train_lora(model, latent: dict, positive: list, steps: int = 80, rank: int =
     Returns:
         The LoRA weights (a state dict of CPU tensors; the given MODEL is not changed).
     """
-    from adaptivedrag_core.lora import train_identity_lora
-
     core = core_model(model, trainable=True)
     embeddings = text_embeddings(positive)
     check_text_width(embeddings, core)

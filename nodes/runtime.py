@@ -5,19 +5,19 @@ ComfyUI is imported lazily, so the node logic also runs in scripts and tests whe
 
 from __future__ import annotations
 
-import logging
+import importlib
+import os
 
 import torch
 
+from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.progress import ProgressFn
-
-logger = logging.getLogger("AdaptiveDrag")
 
 
 def _comfy(module_name: str):
     """``comfy.<module_name>`` when running inside ComfyUI, else None."""
     try:
-        return __import__(f"comfy.{module_name}", fromlist=[module_name])
+        return importlib.import_module(f"comfy.{module_name}")
     except ImportError:
         return None
 
@@ -66,14 +66,19 @@ def release_memory() -> None:
 
 
 # --------------------------------------------------------------------------- model folders
+def _folder_paths():
+    """ComfyUI's ``folder_paths`` module when running inside ComfyUI, else None."""
+    try:
+        return importlib.import_module("folder_paths")
+    except ImportError:
+        return None
+
+
 def register_model_folder(folder_name: str, extensions: set[str]) -> None:
     """Make ``ComfyUI/models/<folder_name>`` a model folder (plus any extra_model_paths entry) for these files."""
-    try:
-        import folder_paths
-    except ImportError:
+    folder_paths = _folder_paths()
+    if folder_paths is None:
         return
-    import os
-
     default = os.path.join(folder_paths.models_dir, folder_name)
     paths, known = folder_paths.folder_names_and_paths.get(folder_name, ([], set()))
     # Other packs or extra_model_paths.yaml may have registered the folder already: keep what they added.
@@ -83,22 +88,14 @@ def register_model_folder(folder_name: str, extensions: set[str]) -> None:
 
 def model_files(folder_name: str) -> list[str]:
     """File names in a registered model folder; empty outside ComfyUI."""
-    try:
-        import folder_paths
-    except ImportError:
-        return []
-    return folder_paths.get_filename_list(folder_name)
+    folder_paths = _folder_paths()
+    return folder_paths.get_filename_list(folder_name) if folder_paths is not None else []
 
 
 def model_path(folder_name: str, file_name: str) -> str:
     """Full path of a file in a model folder; raises InputError naming the folder when it is not there."""
-    from adaptivedrag_core.errors import InputError
-
-    try:
-        import folder_paths
-    except ImportError:
-        folder_paths = None
-    path = folder_paths.get_full_path(folder_name, file_name) if folder_paths and file_name else None
+    folder_paths = _folder_paths()
+    path = folder_paths.get_full_path(folder_name, file_name) if folder_paths is not None and file_name else None
     if path is None:
         raise InputError(f"model file {file_name!r} not found in models/{folder_name}")
     return path

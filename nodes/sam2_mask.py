@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import numpy as np
 import torch
 
 from adaptivedrag_core.automask import DEFAULT_N_SEGMENTS, VARIANTS, auto_mask, render_overlay
+from adaptivedrag_core.sam2_loader import SIZES, load_sam2
 
 from .bridge import comfy_image, comfy_mask, image_array, image_size
 from .runtime import model_files, model_path, node_progress, register_model_folder, release_memory, torch_device
 from .spec import DRAG_POINTS, SAM2_MODEL, SUPERPIXELS, InputSpec, NodeResult, NodeSpec, OutputSpec
 
-logger = logging.getLogger("AdaptiveDrag")
-
 SAM2_FOLDER = "sam2"
 SAM2_EXTENSIONS = {".pt", ".safetensors"}
-MODEL_SIZES = ("auto", "tiny", "small", "base_plus", "large")
+MODEL_SIZES = ("auto",) + SIZES
 
 
 def sam2_files() -> list[str]:
@@ -34,8 +32,6 @@ def load_sam2_model(model_name: str, model_size: str = "auto") -> NodeResult:
         model_name: file name inside the folder.
         model_size: tiny / small / base_plus / large, or "auto" to read it from the file name or weights.
     """
-    from adaptivedrag_core.sam2_loader import load_sam2
-
     register_model_folder(SAM2_FOLDER, SAM2_EXTENSIONS)
     path = model_path(SAM2_FOLDER, model_name)
     encoder = load_sam2(path, None if model_size == "auto" else model_size, device=torch_device())
@@ -49,7 +45,7 @@ def superpixel_mask(image: torch.Tensor, drag_points, sam2_model: Optional[objec
     Args:
         image: ComfyUI IMAGE (its first image is used).
         drag_points: ``DragPoints`` in this image's pixels.
-        sam2_model: from the SAM2 Loader; without it a colour-and-position feature fallback is used.
+        sam2_model: from the SAM2 Loader; without it SLIC runs on Lab colour (the core warns: poorer regions).
         variant: "features" (the paper: SLIC on SAM2 encoder features) or "sam_masks" (the public code: SLIC
             on SAM2's automatic masks; needs the SAM2 model).
         n_segments: SLIC's target number of superpixels.
@@ -58,8 +54,6 @@ def superpixel_mask(image: torch.Tensor, drag_points, sam2_model: Optional[objec
         MASK [1, H, W] (1 = may change), SUPERPIXELS (int labels [H, W]) and an overlay IMAGE.
     """
     drag_points.check_image_size(*image_size(image))
-    if sam2_model is None:
-        logger.warning("AdaptiveDrag: no SAM2 model connected; superpixels use colour and position features")
     pixels = image_array(image)
     result = auto_mask(pixels, drag_points, sam2_model, variant=variant, n_segments=n_segments,
                        progress=node_progress())
@@ -90,8 +84,8 @@ MASK_SPEC = NodeSpec(
     inputs=(
         InputSpec("image", "IMAGE", "The image being edited."),
         InputSpec("drag_points", DRAG_POINTS, "Handle -> target pairs from Drag Points."),
-        InputSpec("sam2_model", SAM2_MODEL, "SAM2 from SAM2 Loader. Optional: without it, superpixels use "
-                  "colour and position (lower quality, no download needed).", optional=True),
+        InputSpec("sam2_model", SAM2_MODEL, "SAM2 from SAM2 Loader. Optional: without it, superpixels follow "
+                  "colour only (poorer regions).", optional=True),
         InputSpec("variant", "COMBO", "features: SLIC on SAM2 encoder features (the paper). sam_masks: SLIC on "
                   "SAM2's automatic masks (the public code; needs SAM2, slower).", default="features",
                   options=VARIANTS),

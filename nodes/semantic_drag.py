@@ -12,7 +12,8 @@ from adaptivedrag_core.drag import drag
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.features import make_feature_fn
 from adaptivedrag_core.images import resize_labels
-from adaptivedrag_core.points import DragPoints
+from adaptivedrag_core.pipeline import METHODS, feature_grid_size
+from adaptivedrag_core.points import DragPoints, map_point
 
 from .bridge import core_model, mask_array, ordinary
 from .ddim_inversion import InvertedLatent, lora_context
@@ -20,7 +21,6 @@ from .runtime import node_progress, release_memory
 from .spec import (DRAG_POINTS, DRAGGED_LATENT, INVERTED_LATENT, SUPERPIXELS, InputSpec, NodeResult, NodeSpec,
                    OutputSpec)
 
-METHODS = ("adaptive", "freedrag", "dragdiffusion")
 FEATURE_BLOCK = 2  # DragDiffusion's decoder block (diffusers numbering)
 
 
@@ -110,7 +110,7 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     points = points_for_latent(drag_points, inverted)
     width, height = inverted.image_size
-    grid_size = (max(1, round(width * feature_scale)), max(1, round(height * feature_scale)))
+    grid_size = feature_grid_size(width, height, feature_scale)
     handles, targets = points.to_grid(*grid_size)
     user_mask = None if mask is None else mask_array(mask, points.width, points.height)
     grid_mask = grid_array(user_mask, "mask", points, grid_size)
@@ -126,14 +126,9 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
                       mask=None if grid_mask is None else grid_mask.bool(),
                       regions=None if regions is None else regions.long(), progress=node_progress(), **options)
     release_memory()
-    final = [_grid_to_image(point, grid_size, (width, height)) for point in result.handles]
+    final = [map_point(point, *grid_size, width, height) for point in result.handles]
     return NodeResult((DraggedLatent(inverted, ordinary(result.latent, "cpu"), points, final,
                                      int(result.steps)),))
-
-
-def _grid_to_image(point, grid_size, image_size):
-    (x, y), (grid_w, grid_h), (width, height) = point, grid_size, image_size
-    return ((float(x) + 0.5) * width / grid_w - 0.5, (float(y) + 0.5) * height / grid_h - 0.5)
 
 
 SPEC = NodeSpec(

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +22,8 @@ import pytest
 
 pytestmark = pytest.mark.comfyui
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+from comfyui_harness import COMFYUI_PATH, link_pack, running_comfyui  # noqa: E402
+
 if not COMFYUI_PATH:
     pytest.skip("COMFYUI_PATH is not set: no ComfyUI to test the widget against", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -35,7 +32,6 @@ from PIL import Image, ImageDraw  # noqa: E402  (only needed once the test runs)
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_ID = "AdaptiveDrag_DragPoints"
-PACK_DIR_NAME = "ComfyUI-AdaptiveDrag"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -68,12 +64,6 @@ def draw_test_image(size) -> Image.Image:
     return image
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def fetch_json(url: str):
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
@@ -85,40 +75,13 @@ def comfy_url(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     for sub in ("custom_nodes", "input", "output", "temp", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    pack = Path(os.environ.get("ADAPTIVEDRAG_PACK_DIR", REPO)).resolve()
-    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(pack, target_is_directory=True)
+    link_pack(base)
     draw_test_image(IMAGE_SIZE).save(base / "input" / IMAGE_NAME)
     draw_test_image(OTHER_SIZE).save(base / "input" / OTHER_IMAGE_NAME)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
 
-    port = free_port()
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    log_path = base / "server.log"
-    command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--base-directory", str(base), "--disable-auto-launch"]
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {server.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if NODE_ID in fetch_json(f"{url}/object_info/{NODE_ID}"):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{NODE_ID} not served within {SERVER_START_TIMEOUT}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+    with running_comfyui(base, ready_path=f"/object_info/{NODE_ID}", timeout=SERVER_START_TIMEOUT) as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ context_dim 768) but one resnet per level, to keep CPU time low; CLIP and the VA
 
 import copy
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-PACK_DIR = Path(__file__).resolve().parents[1]
+from test_nodes import load_pack
+
+from comfyui_harness import COMFYUI_PATH, COMFYUI_PYTHON, PACK_DIR, link_pack, running_comfyui
 WORKFLOWS = sorted((PACK_DIR / "workflows" / "api").glob("*.json"))
 SIZE = 64
 CHECKPOINT = "sd15_random.safetensors"
@@ -73,18 +71,53 @@ save_file(state, output)
 '''
 
 
+# Run with COMFYUI_PYTHON in the ComfyUI folder: the bridge on a real ComfyUI MODEL, with and without a patch
+# like the ones LoraLoader adds. Prints the facts as JSON.
+PROBE_BRIDGE = r'''
+import importlib.util, json, os, sys
+checkpoint, pack = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, os.getcwd())
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.sd
+spec = importlib.util.spec_from_file_location("adaptivedrag_pack", os.path.join(pack, "__init__.py"),
+                                              submodule_search_locations=[pack])
+module = importlib.util.module_from_spec(spec)
+sys.modules["adaptivedrag_pack"] = module
+spec.loader.exec_module(module)
+from adaptivedrag_pack.nodes.bridge import core_model
+
+facts = {}
+with torch.inference_mode():  # as ComfyUI runs nodes
+    model = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False, output_clip=False)[0]
+    comfy_conv_in = model.model.diffusion_model.input_blocks[0][0].weight
+    original = comfy_conv_in.clone()
+    patched = model.clone()
+    patched.add_patches({"diffusion_model.input_blocks.0.0.weight": (torch.ones_like(original),)})
+    unet = core_model(patched).unet
+    facts["patch_applied"] = bool(torch.allclose(unet.conv_in.weight, original + 1))
+    shared = core_model(model).unet
+    facts["unpatched_again"] = bool(torch.equal(shared.conv_in.weight, original))
+    facts["shares_storage"] = shared.conv_in.weight.data_ptr() == model.model.diffusion_model.input_blocks[0][0].weight.data_ptr()
+    trainable = core_model(model, trainable=True).unet
+    facts["trainable_has_no_inference_tensors"] = not any(p.is_inference() for p in trainable.parameters())
+    facts["given_model_has_no_patches"] = not model.patches
+    x = torch.randn(1, 4, 8, 8)
+    context = torch.randn(1, 77, 768)
+    ours = shared(x, 500, encoder_hidden_states=context).sample
+    theirs = model.model.diffusion_model(x, torch.tensor([500.0]), context=context)
+    facts["max_output_difference"] = float((ours - theirs).abs().max())
+print(json.dumps(facts))
+'''
+
+
 # ------------------------------------------------------------------------------------------------ the server
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def write_inputs(base: Path) -> None:
     from PIL import Image
 
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "ComfyUI-AdaptiveDrag").symlink_to(PACK_DIR, target_is_directory=True)
+    link_pack(base)
     for folder in ("checkpoints", "sam2"):
         (base / "models" / folder).mkdir(parents=True)
     subprocess.run([COMFYUI_PYTHON, "-c", WRITE_CHECKPOINT, str(base / "models" / "checkpoints" / CHECKPOINT)],
@@ -145,33 +178,8 @@ class Server:
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui")
     write_inputs(base)
-    port = free_port()
-    log = open(base / "server.log", "w")
-    process = subprocess.Popen(
-        [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(base), "--disable-auto-launch"],
-        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, (base / "server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(url + "/system_stats", timeout=5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+    with running_comfyui(base, timeout=180) as url:
         yield Server(url, base)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 # --------------------------------------------------------------------------------------------- graph helpers
@@ -199,9 +207,8 @@ def quick(workflow: Path, pairs=(((20, 30), (28, 30)),)) -> dict:
     }
     for node in prompt.values():
         node["inputs"].update(settings.get(node["class_type"], {}))
-    _, load_image = node_of(prompt, "LoadImage")
-    uses_mask = any(value == [key, 1] for key in prompt for n in prompt.values() for value in n["inputs"].values()
-                    if prompt[key]["class_type"] == "LoadImage")
+    load_id, load_image = node_of(prompt, "LoadImage")
+    uses_mask = any(value == [load_id, 1] for node in prompt.values() for value in node["inputs"].values())
     load_image["inputs"]["image"] = "drag_masked.png" if uses_mask else "drag.png"
     return prompt
 
@@ -216,10 +223,16 @@ def errors(entry: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------------ tests
 def pack_specs():
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_nodes import load_pack
-
     return {spec.node_id: spec for spec in sys.modules[load_pack().__name__ + ".nodes"].NODE_SPECS}
+
+
+def test_bridge_shares_weights_includes_patches_and_matches_comfyuis_unet(server):
+    result = subprocess.run([COMFYUI_PYTHON, "-c", PROBE_BRIDGE, str(server.base / "models" / "checkpoints" / CHECKPOINT),
+                             str(PACK_DIR)], cwd=COMFYUI_PATH, check=True, capture_output=True, text=True, timeout=300)
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert facts.pop("max_output_difference") < 1e-4
+    assert facts == {"patch_applied": True, "unpatched_again": True, "shares_storage": True,
+                     "trainable_has_no_inference_tensors": True, "given_model_has_no_patches": True}
 
 
 def test_every_node_is_in_object_info_with_its_schema(server):

@@ -149,8 +149,9 @@ def test_identity_lora_takes_gradients_inside_inference_mode(tiny, trained, imag
     # inference mode.
     _, state, _ = trained
     latent, context = image
-    with torch.inference_mode(), identity_lora(tiny.unet, state):
-        with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode():
+        inference_state = {key: value.clone() for key, value in state.items()}  # as if loaded in a node
+        with identity_lora(tiny.unet, inference_state), torch.inference_mode(False), torch.enable_grad():
             variable = latent.clone().requires_grad_(True)
             tiny.unet(variable, 300, encoder_hidden_states=context.clone()).sample.square().mean().backward()
     assert variable.grad is not None and variable.grad.abs().sum() > 0

@@ -237,13 +237,16 @@ def test_other_context_dim_is_not_sd1x(tiny, tiny_configs, tmp_path):
     path = tmp_path / "context48.safetensors"
     save_file(_contiguous(ldm_checkpoint(wide_context, tiny.vae, tiny.text_encoder)), str(path))
 
-    with pytest.raises(InputError, match="checkpoint is not SD1.x.*cross-attention \\(text\\) dim is 48, SD1.x uses 32"):
+    with pytest.raises(InputError, match=r"checkpoint is not SD1.x.*cross-attention \(text\) dim is 48, SD1.x uses 32"):
         load_sd15(path, config_dir=tiny_configs)
 
 
 @pytest.mark.parametrize(
     "extra_key, family",
-    [("conditioner.embedders.1.model.positional_embedding", "SDXL"), ("cond_stage_model.model.token_embedding.weight", "SD2")],
+    [
+        ("conditioner.embedders.1.model.positional_embedding", "SDXL"),
+        ("cond_stage_model.model.token_embedding.weight", "SD2"),
+    ],
 )
 def test_other_families_are_not_sd1x(checkpoint, tiny_configs, tmp_path, extra_key, family):
     path = tmp_path / "other.safetensors"

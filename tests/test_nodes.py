@@ -143,6 +143,7 @@ def test_superpixel_mask_without_sam2_falls_back_and_returns_mask_superpixels_ov
 
 
 # --------------------------------------------------------------------------------- LoRA, inversion, drag, sample
+@pytest.mark.filterwarnings("ignore:auto mask without SAM2")
 def test_identity_lora_inversion_drag_and_sampling_chain_leaves_inputs_unchanged(tiny, graph_inputs):
     inputs = {key: graph_inputs[key] for key in ("image", "latent", "positive")}
     before = {"latent": inputs["latent"]["samples"].clone(), "positive": inputs["positive"][0][0].clone(),
@@ -184,6 +185,23 @@ def test_other_methods_run_with_a_user_mask_and_sample_without_closs(graph_input
     assert dragged.steps >= 1
     (latent,) = run(closs_sampler.SPEC, dragged=dragged, closs=False).outputs
     assert latent["samples"].shape == graph_inputs["latent"]["samples"].shape
+
+
+def test_resampling_a_new_drag_reuses_the_reference_recording(graph_inputs, inverted, monkeypatch):
+    (first,) = run(semantic_drag.SPEC, inverted=inverted, drag_points=graph_inputs["points"], method="dragdiffusion",
+                   steps=1, max_steps=1).outputs
+    run(closs_sampler.SPEC, dragged=first, closs=False)
+    assert (10, 0) in inverted.references
+
+    def must_not_record(*args, **kwargs):
+        raise AssertionError("the reference branch was recorded again for the same inversion")
+
+    monkeypatch.setattr(closs_sampler, "record_reference", must_not_record)
+    other = DragPoints.from_json(points_json([((40, 20), (44, 28))]))
+    (second,) = run(semantic_drag.SPEC, inverted=inverted, drag_points=other, method="dragdiffusion",
+                    steps=1, max_steps=1).outputs
+    (latent,) = run(closs_sampler.SPEC, dragged=second, closs=True).outputs
+    assert torch.isfinite(latent["samples"]).all()
 
 
 def test_semantic_drag_rejects_points_of_another_image(inverted):

@@ -18,6 +18,7 @@ LPIPS is implemented here on torchvision's AlexNet architecture, so no network a
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from PIL import Image
 
 from ..errors import InputError
 from ..images import pil_to_tensor
-from ..models import SDComponents, encode_prompt
+from ..models import SDComponents, weights_variant, encode_prompt
+from ..pipeline import place_module
 
 # ------------------------------------------------------------------------------------------------------ DIFT
 
@@ -76,7 +78,7 @@ class DiftFeaturizer:
         self.settings = settings
         for module, dtype in ((components.unet, self.dtype), (components.text_encoder, self.dtype),
                               (components.vae, torch.float32)):
-            _move(module, self.device, dtype)
+            place_module(module, self.device, dtype)
         self.scheduler = components.make_scheduler()
 
     @torch.no_grad()
@@ -92,15 +94,6 @@ class DiftFeaturizer:
         features = unet_block_output(self.components.unet, noisy.to(self.dtype), settings.timestep,
                                      context.expand(settings.ensemble_size, -1, -1), settings.up_ft_index)
         return features.float().mean(dim=0, keepdim=True)
-
-
-def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    # Only cast when needed: diffusers warns on every dtype cast of a model.
-    parameter = next(module.parameters())
-    if parameter.device != device:
-        module.to(device)
-    if parameter.dtype != dtype:
-        module.to(dtype)
 
 
 def unet_block_output(unet, latents: torch.Tensor, timestep: int, context: torch.Tensor, block_index: int):
@@ -136,21 +129,26 @@ def load_dift_components(path) -> SDComponents:
              "tokenizer": CLIPTokenizer, "scheduler": DDIMScheduler}
     if not folder.is_dir():
         raise InputError(f"--dift-model must be a diffusers SD2.1 folder; {folder} is not a folder")
-    loaded = {}
-    for name, cls in parts.items():
+    for name in parts:
         if not (folder / name).is_dir():
             raise InputError(f"DIFT model folder {folder} has no {name}/ folder")
+    loaded = {}
+    for name, cls in parts.items():
         try:
             if name == "scheduler":
-                # from_config keeps only the settings DDIMScheduler knows (SD2.1 folders may carry others).
-                loaded[name] = dict(cls.from_config(cls.load_config(str(folder / name), local_files_only=True)).config)
-            else:
+                loaded[name] = cls.load_config(str(folder / name), local_files_only=True)
+            elif name == "tokenizer":
                 loaded[name] = cls.from_pretrained(str(folder / name), local_files_only=True)
+            else:
+                loaded[name] = cls.from_pretrained(str(folder / name), local_files_only=True,
+                                                   variant=weights_variant(folder / name))
         except (OSError, ValueError) as error:
             raise InputError(f"cannot load the DIFT model's {name} from {folder / name}: {error}") from error
     for name in ("unet", "vae", "text_encoder"):
         loaded[name].eval().requires_grad_(False)
-    scheduler_config = {key: value for key, value in loaded["scheduler"].items() if not key.startswith("_")}
+    # Only the settings DDIMScheduler takes: SD folders may carry other schedulers' settings.
+    known = inspect.signature(DDIMScheduler.__init__).parameters
+    scheduler_config = {key: value for key, value in loaded["scheduler"].items() if key in known}
     return SDComponents(unet=loaded["unet"], vae=loaded["vae"], text_encoder=loaded["text_encoder"],
                         tokenizer=loaded["tokenizer"], latent_scale=float(loaded["vae"].config.scaling_factor),
                         scheduler_config=scheduler_config)
@@ -186,7 +184,7 @@ def _pixel(value: float, length: int) -> int:
 
 def match_distances(matches: Sequence, targets: Sequence) -> list[float]:
     """Pixel distance from every match to its target (the terms MD averages)."""
-    return [math.dist(match, target) for match, target in zip(matches, targets)]
+    return [math.dist(match, target) for match, target in zip(matches, targets, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------------- LPIPS
@@ -206,17 +204,19 @@ class AlexLPIPS(torch.nn.Module):
     """LPIPS distance with AlexNet features and learned per-channel weights (Zhang et al. 2018, v0.1).
 
     d(x, y) = sum over the 5 ReLU outputs l of  mean_{h,w}  sum_c  w_{l,c} (x^_l - y^_l)^2,  where x^_l is the
-    feature map unit-normalised along the channels. Inputs are RGB in [-1, 1].
+    feature map unit-normalised along the channels. Inputs are RGB in [-1, 1]. Built without weights (on the
+    meta device): :func:`load_lpips` gives it its weights.
     """
 
     def __init__(self):
         super().__init__()
         from torchvision.models import alexnet
 
-        self.features = alexnet(weights=None).features[: ALEXNET_TAPS[-1] + 1]
-        self.linear = torch.nn.ModuleList(
-            torch.nn.Conv2d(channels, 1, kernel_size=1, bias=False) for channels in ALEXNET_CHANNELS
-        )
+        with torch.device("meta"):  # no random initialisation: every weight is loaded from the file
+            self.features = alexnet(weights=None).features[: ALEXNET_TAPS[-1] + 1]
+            self.linear = torch.nn.ModuleList(
+                torch.nn.Conv2d(channels, 1, kernel_size=1, bias=False) for channels in ALEXNET_CHANNELS
+            )
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
@@ -235,7 +235,7 @@ class AlexLPIPS(torch.nn.Module):
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """LPIPS distance [N] between two batches of images [N, 3, H, W] in [-1, 1]."""
         distance = 0
-        for linear, a, b in zip(self.linear, self.taps(first), self.taps(second)):
+        for linear, a, b in zip(self.linear, self.taps(first), self.taps(second), strict=True):
             distance = distance + linear((a - b).pow(2)).mean(dim=(1, 2, 3))
         return distance
 
@@ -278,9 +278,8 @@ def load_lpips(path, device="cpu") -> AlexLPIPS:
     for key, reference in wanted.items():
         if found[key].shape != reference.shape:
             raise InputError(f"{path}: {key} has shape {tuple(found[key].shape)}, expected {tuple(reference.shape)}")
-    model.features.load_state_dict({k[len("features."):]: v for k, v in found.items() if k.startswith("features.")})
-    model.linear.load_state_dict({k[len("linear."):]: v for k, v in found.items() if k.startswith("linear.")})
-    return model.float().to(device)
+    model.load_state_dict({key: found[key].float() for key in wanted}, strict=False, assign=True)
+    return model.to(device)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

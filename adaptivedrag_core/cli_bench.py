@@ -1,0 +1,189 @@
+"""``bench`` subcommand: the speed benchmark and the DragBench runner.
+
+    python -m adaptivedrag_core bench speed [--device cpu|cuda] [--size 512] [--method adaptive]
+        [--drag-steps 80] [--lora-steps 80] [--repeat 1] [--out FILE]
+    python -m adaptivedrag_core bench dragbench DIR --model SD15 --method adaptive [--dift-model SD21_DIR]
+        [--lpips-weights FILE] --out results/ [--limit N] [--device cuda]
+
+``--model tiny-random`` (and ``--dift-model tiny-random``) stand in tiny random-weight models, for smoke tests:
+their edits are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+from .pipeline import METHODS
+
+TINY_MODEL = "tiny-random"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` (with ``speed`` and ``dragbench``) on an ``argparse`` subparsers object."""
+    parser = subparsers.add_parser("bench", help="speed benchmark and DragBench evaluation",
+                                   description="Benchmarks: speed and memory per stage, and DragBench (MD, IF).")
+    commands = parser.add_subparsers(dest="bench_command")
+    _add_speed_parser(commands)
+    _add_dragbench_parser(commands)
+    parser.set_defaults(run=lambda args: _missing_command(parser))
+    return parser
+
+
+def _missing_command(parser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _add_speed_parser(commands) -> None:
+    from .bench.speed import MODEL_KINDS, SAM2_SIZES
+
+    p = commands.add_parser("speed", help="time each stage of an edit and print JSON",
+                            description="Wall time, time per step and peak memory of each stage of one edit, in a "
+                            "warm process; random-init full-size SD1.5 and SAM2 on CUDA, tiny models on the CPU.")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 on cuda, 128 on cpu)")
+    p.add_argument("--method", default="adaptive", choices=METHODS)
+    p.add_argument("--drag-steps", type=int, default=80, help="fixed number of drag steps (default 80)")
+    p.add_argument("--lora-steps", type=int, default=80, help="identity LoRA steps (default 80)")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the full schedule (default 50)")
+    p.add_argument("--strength", type=float, default=0.7, help="inversion strength (default 0.7: 35 of 50 steps)")
+    p.add_argument("--repeat", type=int, default=1, help="measured edits after the warm-up; the median is reported")
+    p.add_argument("--models", choices=MODEL_KINDS, default=None,
+                   help="sd15: random-init full size (default on cuda); tiny: tiny random (default on cpu)")
+    p.add_argument("--sam2-size", choices=SAM2_SIZES, default=None,
+                   help="random-init SAM2 size (default large on cuda, tiny on cpu); none: Lab-colour fallback")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.set_defaults(run=run_speed)
+
+
+def run_speed(args) -> int:
+    from .bench.speed import SpeedConfig, run_speed_benchmark
+
+    config = SpeedConfig(device=args.device, size=args.size, method=args.method, drag_steps=args.drag_steps,
+                         lora_steps=args.lora_steps, num_steps=args.ddim_steps, strength=args.strength,
+                         repeat=args.repeat, models=args.models, sam2_size=args.sam2_size, seed=args.seed)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.exists():
+        raise InputError(f"output folder {out.parent} does not exist")
+    report = run_speed_benchmark(config, log=lambda line: print(line, file=sys.stderr))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out is not None:
+        out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def _add_dragbench_parser(commands) -> None:
+    from .bench.dragbench import MASK_SOURCES
+
+    p = commands.add_parser("dragbench", help="edit and score a DragBench folder (MD, IF)",
+                            description="Run a drag method over DragBench (DIR/<category>/<sample>/...), write the "
+                            "edited images, per-sample JSON and summary.json; resumes where it stopped.")
+    p.add_argument("data_dir", metavar="DIR", help="DragBench folder (drag_bench_data)")
+    p.add_argument("--model", required=True,
+                   help=f"SD1.5 checkpoint: a diffusers folder or a single file ('{TINY_MODEL}' for a smoke test)")
+    p.add_argument("--tokenizer", help="CLIP tokenizer folder (needed with a single-file --model: prompts)")
+    p.add_argument("--method", default="adaptive", choices=METHODS)
+    p.add_argument("--dift-model", help=f"local diffusers SD2.1 folder for MD ('{TINY_MODEL}' for a smoke test); "
+                                        "without it MD is skipped")
+    p.add_argument("--dift-ensemble", type=int, default=8, help="DIFT ensemble size (default 8, as published)")
+    p.add_argument("--lpips-weights", help="LPIPS AlexNet weights file for IF (see docs/performance.md); "
+                                           "without it IF is skipped")
+    p.add_argument("--out", required=True, help="results folder (created; reused to resume)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--drag-steps", type=int, default=None,
+                   help="drag step budget: max steps for dragdiffusion/freedrag, the step count n for adaptive")
+    p.add_argument("--lora-steps", type=int, default=None, help="identity LoRA steps (default 80)")
+    p.add_argument("--work-size", type=int, default=None, help="longer side of the working copy (default 512)")
+    p.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the full schedule (default 50)")
+    p.add_argument("--mask", choices=MASK_SOURCES, default="dragbench",
+                   help="dragbench: the samples' masks (default); auto: the AdaptiveDrag auto mask")
+    p.add_argument("--sam2", help="SAM2 checkpoint for the superpixels (adaptive, --mask auto); else Lab colour")
+    p.add_argument("--sam2-size", help="SAM2 model size, if the file name does not tell")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_dragbench_command)
+
+
+def run_dragbench_command(args) -> int:
+    import logging
+
+    from .bench.dragbench import Metrics, run_dragbench
+
+    settings = _dragbench_settings(args)
+    _check_device(args.device)
+    if args.dift_ensemble < 1:
+        raise InputError(f"--dift-ensemble must be at least 1, got {args.dift_ensemble}")
+    components, model_id = _editing_model(args.model, args.tokenizer)
+    metrics = Metrics(dift=_dift(args.dift_model, args.dift_ensemble, args.device),
+                      lpips=_lpips(args.lpips_weights, args.device))
+    encoder = None
+    if args.sam2:
+        from .sam2_loader import load_sam2
+
+        encoder = load_sam2(args.sam2, args.sam2_size, device=args.device)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    report = run_dragbench(args.data_dir, args.out, components, settings, metrics, model_id=model_id,
+                           device=args.device, limit=args.limit, mask_source=args.mask, region_encoder=encoder)
+    summary = report.summary
+    print(f"edited {len(report.edited)}, rescored {len(report.rescored)}, already done {len(report.already_done)}, "
+          f"skipped {len(report.skipped)}; MD {summary['md']}, IF {summary['if']} "
+          f"(summary: {Path(args.out) / 'summary.json'})")
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def _dragbench_settings(args):
+    from .pipeline import EditSettings, step_budget
+
+    settings = EditSettings(method=args.method, seed=args.seed)
+    for name, value in (("lora_steps", args.lora_steps), ("work_size", args.work_size),
+                        ("num_steps", args.ddim_steps)):
+        if value is not None:
+            setattr(settings, name, value)
+    if args.drag_steps is not None:
+        if args.drag_steps < 1:
+            raise InputError(f"--drag-steps must be at least 1, got {args.drag_steps}")
+        settings.drag_options.update(step_budget(args.method, args.drag_steps))
+    return settings
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+
+
+def _editing_model(model: str, tokenizer):
+    from .models import load_sd15, tiny_sd_components
+
+    if model == TINY_MODEL:
+        return tiny_sd_components(seed=0), "tiny-random-0"
+    path = Path(model)
+    components = load_sd15(path, tokenizer_path=tokenizer)
+    return components, f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+
+
+def _dift(path, ensemble: int, device: str):
+    if path is None:
+        return None
+    from .bench.metrics import DiftFeaturizer, DiftSettings, load_dift_components
+    from .models import tiny_sd_components
+
+    components = tiny_sd_components(seed=1) if path == TINY_MODEL else load_dift_components(path)
+    return DiftFeaturizer(components, device=device, settings=DiftSettings(ensemble_size=ensemble))
+
+
+def _lpips(path, device: str):
+    if path is None:
+        return None
+    from .bench.metrics import load_lpips
+
+    return load_lpips(path, device=device)
