@@ -205,7 +205,7 @@ def _pipeline(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA device is available")
     if args.demo:
-        print(DEMO_NOTE)
+        print("demo: running on a tiny random-weight stand-in for SD1.5 (nothing is downloaded)")
         components, model_id = tiny_sd_components(seed=0), "tiny-random-0"
     else:
         components = load_sd15(args.model, tokenizer_path=args.tokenizer)
