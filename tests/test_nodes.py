@@ -23,7 +23,7 @@ SIZE = 64
 
 
 def load_pack(name: str = "adaptivedrag_pack"):
-    """Import the pack folder as a package, as ComfyUI's custom node loader does."""
+    """Import the pack folder as a package, as ComfyUI's custom node loader does, and its nodes."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, PACK_DIR / "__init__.py",
@@ -31,6 +31,7 @@ def load_pack(name: str = "adaptivedrag_pack"):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    importlib.import_module(f"{name}.nodes")
     return module
 
 
