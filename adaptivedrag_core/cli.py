@@ -68,6 +68,8 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--closs-kind", default="contrastive", choices=("contrastive", "mse"),
                    help="CLoss form: the paper's contrastive loss, or the public code's MSE")
     p.add_argument("--closs-weight", type=float, default=1.0, help="CLoss step-size multiplier (default 1)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance while sampling (default 1 = off, as in the papers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-steps", type=int, default=None, help="identity LoRA steps (default 80; 0 skips)")
     p.add_argument("--lora", help="LoRA .safetensors: loaded if it exists, else trained and saved there")
@@ -161,7 +163,7 @@ def _settings(args):
 
     settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, closs=args.closs,
                             closs_kind=args.closs_kind, closs_weight=args.closs_weight,
-                            num_steps=args.ddim_steps, strength=args.strength)
+                            num_steps=args.ddim_steps, strength=args.strength, guidance_scale=args.guidance_scale)
     drag_steps = args.drag_steps
     if args.demo:
         # Small enough to finish in well under a minute on 2 CPU cores.

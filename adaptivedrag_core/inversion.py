@@ -84,13 +84,27 @@ def ddim_step(latent: torch.Tensor, noise: torch.Tensor, schedule: DDIMSchedule,
 NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def unet_noise_fn(unet, text_embeddings: torch.Tensor) -> NoiseFn:
-    """``noise(latent, t)`` with the UNet and fixed conditioning, computed in the UNet's dtype."""
+def unet_noise_fn(unet, text_embeddings: torch.Tensor, uncond_embeddings=None, guidance_scale: float = 1.0) -> NoiseFn:
+    """``noise(latent, t)`` with the UNet and fixed conditioning, computed in the UNet's dtype.
+
+    Args:
+        unet: the UNet.
+        text_embeddings: [1, 77, D] prompt embeddings.
+        uncond_embeddings: [1, 77, D] embeddings of the empty prompt, for classifier-free guidance.
+        guidance_scale: 1 (default, as in both papers) means no guidance; above 1 the UNet runs on a batch of
+            (unconditional, conditional) and the noise is ``u + scale * (c - u)``.
+    """
     dtype = next(unet.parameters()).dtype
+    guided = uncond_embeddings is not None and guidance_scale != 1.0
 
     def noise(latent: torch.Tensor, timestep: int) -> torch.Tensor:
-        embeddings = text_embeddings.to(dtype).expand(latent.shape[0], -1, -1)
-        return unet(latent.to(dtype), timestep, encoder_hidden_states=embeddings).sample.to(latent.dtype)
+        if not guided:
+            embeddings = text_embeddings.to(dtype).expand(latent.shape[0], -1, -1)
+            return unet(latent.to(dtype), timestep, encoder_hidden_states=embeddings).sample.to(latent.dtype)
+        context = torch.cat([uncond_embeddings, text_embeddings]).to(dtype)
+        both = unet(torch.cat([latent, latent]).to(dtype), timestep, encoder_hidden_states=context).sample
+        unconditional, conditional = both.to(latent.dtype).chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
 
     return noise
 

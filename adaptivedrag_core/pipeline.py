@@ -49,6 +49,8 @@ class EditSettings:
         closs: correspondence loss while sampling; None means "on for adaptive, off otherwise".
         closs_weight, closs_kind: CLoss weight and "contrastive" (paper) or "mse" (public code).
         reference_start_layer, reference_start_step: reference-latent control (10, 0).
+        guidance_scale: classifier-free guidance while sampling; 1 = off (both papers). The inversion never
+            uses guidance.
     """
 
     method: str = "adaptive"
@@ -69,6 +71,7 @@ class EditSettings:
     closs_kind: str = "contrastive"
     reference_start_layer: int = 10
     reference_start_step: int = 0
+    guidance_scale: float = 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -230,14 +233,15 @@ class DragPipeline:
 
     def reference(self, inversion: Inversion, settings: EditSettings, progress: ProgressFn = None) -> ReferenceBranch:
         """Record (or reuse) the reference branch's attention keys/values."""
-        key = self._key("reference", inversion.key, settings.reference_start_layer, settings.reference_start_step)
+        key = self._key("reference", inversion.key, settings.reference_start_layer, settings.reference_start_step,
+                        settings.guidance_scale, settings.prompt)
         cached = self._cached("reference", key)
         if cached is not None:
             return cached
         with self._lora(inversion.lora):
             branch = record_reference(self.components.unet, inversion.text_embeddings, inversion.schedule,
                                       inversion.inverted_latent, settings.reference_start_layer,
-                                      settings.reference_start_step, progress)
+                                      settings.reference_start_step, progress, *self._guidance(settings))
         return self._store("reference", key, branch)
 
     def drag(self, inversion: Inversion, handles, targets, feature_size, settings: EditSettings,
@@ -261,7 +265,8 @@ class DragPipeline:
                 self.components.unet, inversion.text_embeddings, inversion.schedule, dragged_latent, reference,
                 settings.reference_start_layer, settings.reference_start_step, closs=settings.closs_settings(),
                 original_latent=inversion.clean_latent, handles=latent_handles, targets=latent_targets,
-                progress=progress,
+                progress=progress, uncond_embeddings=self._guidance(settings)[0],
+                guidance_scale=settings.guidance_scale,
             )
 
     # ------------------------------------------------------------ whole edit
@@ -336,6 +341,12 @@ class DragPipeline:
             else:
                 digest.update(json.dumps(part, default=str).encode())
         return digest.hexdigest()[:24]
+
+    def _guidance(self, settings: EditSettings):
+        """(unconditional embeddings, scale) for classifier-free guidance; (None, 1) when it is off."""
+        if settings.guidance_scale == 1.0:
+            return None, 1.0
+        return self.encode_prompt(""), settings.guidance_scale
 
     def _lora(self, state):
         if state is None:

@@ -61,17 +61,18 @@ def _timesteps(schedule: DDIMSchedule):
 
 def record_reference(
     unet, text_embeddings, schedule: DDIMSchedule, inverted_latent: torch.Tensor, start_layer: int = 10,
-    start_step: int = 0, progress: ProgressFn = None,
+    start_step: int = 0, progress: ProgressFn = None, uncond_embeddings=None, guidance_scale: float = 1.0,
 ) -> ReferenceBranch:
     """Denoise the un-dragged latent, recording the self-attention keys/values the edited branch will use.
 
-    Runs outside inference mode so the recording can later take part in CLoss's backward pass.
+    Runs outside inference mode so the recording can later take part in CLoss's backward pass. The edited branch
+    must be sampled with the same guidance (its attention calls must match the recorded ones).
     """
     recording = ReferenceRecording()
     with torch.inference_mode(False), torch.no_grad(), reference_control(
         unet, recording, start_layer, start_step
     ) as control:
-        noise_fn = unet_noise_fn(unet, text_embeddings.clone())
+        noise_fn = _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale)
         latent = inverted_latent.clone()
         control.mode = "record"
         for i, t, t_prev in _timesteps(schedule):
@@ -94,6 +95,8 @@ def sample_dragged(
     handles: Sequence[tuple[float, float]] = (),
     targets: Sequence[tuple[float, float]] = (),
     progress: ProgressFn = None,
+    uncond_embeddings=None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Denoise the dragged z_t to z_0 with the reference keys/values replayed, optionally with CLoss.
 
@@ -106,14 +109,14 @@ def sample_dragged(
         original_latent: the input's clean latent z_0 (needed by CLoss).
         handles, targets: points in latent-grid pixels (needed by CLoss).
         progress: ``progress(step, total)``.
+        uncond_embeddings, guidance_scale: classifier-free guidance (off at scale 1); as for the recording.
     """
     use_closs = closs is not None and closs.weight > 0
     if use_closs and (original_latent is None or not handles):
         raise ValueError("CLoss needs the original latent and the handle/target points")
     optimizer = None
     with torch.inference_mode(False), reference_control(unet, reference.recording, start_layer, start_step) as control:
-        # Clones made here are ordinary tensors, usable by autograd even when called under inference mode.
-        noise_fn = unet_noise_fn(unet, text_embeddings.clone())
+        noise_fn = _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale)
         latent = dragged_latent.detach().clone()
         if use_closs:
             original_latent = original_latent.clone()
@@ -133,6 +136,13 @@ def sample_dragged(
                 latent.copy_(ddim_step(latent, noise, schedule, t, t_prev))
             report(progress, i + 1, len(schedule.timesteps))
     return latent.detach()
+
+
+def _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale):
+    # Clones made outside inference mode are ordinary tensors, which autograd can save (ComfyUI runs nodes
+    # under inference mode).
+    uncond = None if uncond_embeddings is None else uncond_embeddings.clone()
+    return unet_noise_fn(unet, text_embeddings.clone(), uncond, guidance_scale)
 
 
 def _closs_update(noise_fn, latent, timestep, schedule, optimizer, closs, original_latent, handles, targets):

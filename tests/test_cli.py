@@ -103,3 +103,26 @@ def test_lora_file_is_saved_then_reused(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(lora_module, "train_identity_lora", must_not_train)
     assert main(["edit", "--demo", "--out", str(tmp_path / "b.png"), "--lora", str(lora_file), *fast]) == 0
+
+
+def test_auto_mask_without_sam2_warns_and_feeds_mask_and_regions_to_the_optimiser(tmp_path, capsys, monkeypatch):
+    from adaptivedrag_core import pipeline as pipeline_module
+
+    seen = {}
+    original = pipeline_module.DragPipeline.drag
+
+    def spy(self, inversion, handles, targets, feature_size, settings, mask=None, regions=None, progress=None):
+        seen.update(mask=mask, regions=regions, feature_size=feature_size)
+        return original(self, inversion, handles, targets, feature_size, settings, mask, regions, progress)
+
+    monkeypatch.setattr(pipeline_module.DragPipeline, "drag", spy)
+    fast = ["--lora-steps", "1", "--drag-steps", "2", "--work-size", "64", "--ddim-steps", "6", "--no-closs"]
+    code, out = _run(capsys, "edit", "--demo", "--mask", "auto", "--out", tmp_path / "o.png", *fast)
+    assert code == 0, out.err
+    assert "warning:" in out.err and "colour" in out.err.lower()
+    # Both arrive at image resolution, aligned: every masked pixel belongs to a superpixel the mask took whole.
+    mask, regions = seen["mask"], seen["regions"]
+    assert mask.shape == regions.shape == (256, 256)
+    assert 0 < mask.mean() < 0.5
+    inside = set(regions[mask].tolist())
+    assert all(mask[regions == label].all() for label in inside)

@@ -43,3 +43,23 @@ def test_closs_needs_points(tiny, empty_prompt, setup):
     schedule, original, inverted, reference = setup
     with pytest.raises(ValueError, match="CLoss needs"):
         sample_dragged(tiny.unet, empty_prompt, schedule, inverted, reference, closs=CLossSettings())
+
+
+def test_guidance_scale_one_is_no_guidance_and_replay_matches_the_guided_recording(tiny, empty_prompt):
+    from adaptivedrag_core.models import encode_prompt
+
+    schedule = make_schedule(tiny.make_scheduler(), 6, 0.7)
+    inverted = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompt = encode_prompt(tiny, "a red ball")
+    plain = record_reference(tiny.unet, prompt, schedule, inverted).reconstruction
+    scale_one = record_reference(tiny.unet, prompt, schedule, inverted, uncond_embeddings=empty_prompt,
+                                 guidance_scale=1.0).reconstruction
+    assert torch.equal(plain, scale_one)
+    guided = record_reference(tiny.unet, prompt, schedule, inverted, uncond_embeddings=empty_prompt,
+                              guidance_scale=5.0)
+    assert not torch.allclose(guided.reconstruction, plain, atol=1e-3)
+    # Denoising the reference with its own guided recording, with the same guidance, gives it back.
+    again = sample_dragged(tiny.unet, prompt, schedule, inverted, guided, uncond_embeddings=empty_prompt,
+                           guidance_scale=5.0)
+    assert torch.allclose(again, guided.reconstruction, atol=1e-5)
+
