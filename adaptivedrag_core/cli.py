@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import InputError
+from .outputs import check_outputs, save_image
 
 DEMO_DRAG = "150,152:196,140"
 DEMO_NOTE = (
@@ -92,13 +93,6 @@ def preview_path(out: Path) -> Path:
     return out.with_name(out.stem + "_preview.png")
 
 
-def check_outputs(paths, force: bool) -> None:
-    """Refuse to overwrite existing files unless --force."""
-    for path in paths:
-        if path is not None and Path(path).exists() and not force:
-            raise InputError(f"{path} already exists; pass --force to overwrite it")
-
-
 def demo_image_path() -> Path:
     return Path(str(resources.files("adaptivedrag_core") / "assets" / "sample.png"))
 
@@ -118,10 +112,7 @@ def run_edit(args) -> int:
     if not args.demo and not args.model:
         raise InputError("give --model PATH (an SD1.5 checkpoint), or --demo")
     out = Path(args.out)
-    output_format(out)
-    check_outputs([out, preview_path(out)], args.force)
-    if not out.parent.exists():
-        raise InputError(f"output folder {out.parent} does not exist")
+    check_outputs({"--out": out, "preview": preview_path(out)}, args.force)
     image = load_image(args.image)
     points = DragPoints.from_pairs(args.drag, image.width, image.height)
     mask = regions = None
@@ -147,10 +138,10 @@ def run_edit(args) -> int:
 
         save_lora(result.lora, lora_file)
         print(f"saved the identity LoRA to {lora_file}; pass --lora {lora_file} again to reuse it")
-    _save(result.image, out, args.force)
+    save_image(result.image, out, args.force)
     from .preview import side_by_side
 
-    _save(side_by_side(image, result.image, points), preview_path(out), args.force)
+    save_image(side_by_side(image, result.image, points), preview_path(out), args.force)
     final = ", ".join(f"({x:.1f}, {y:.1f})" for x, y in result.final_handles)
     print(f"wrote {out} and {preview_path(out)}; handles ended at {final} after {result.drag_steps} drag steps")
     if args.demo:
@@ -230,24 +221,3 @@ def _auto_mask(image, points, sam2_path, sam2_size, device):
     for message in result.warnings:
         print(f"warning: {message}", file=sys.stderr)
     return result.mask, result.regions
-
-
-def output_format(path: Path) -> str:
-    """The PIL format for an output path, from its extension."""
-    from PIL import Image
-
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"cannot tell the image format of {path}; use .png, .jpg or .webp")
-    return fmt
-
-
-def _save(image, path: Path, force: bool) -> None:
-    # Written under a temporary name first, so a failure never leaves a half-written output.
-    check_outputs([path], force)
-    fmt = output_format(path)
-    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")
-    partial = path.with_name(path.name + ".partial")
-    image.save(partial, format=fmt)
-    partial.replace(path)

@@ -31,6 +31,7 @@ from .automask import (
 )
 from .errors import InputError
 from .images import load_image
+from .outputs import check_outputs, save_image
 from .points import DragPoints
 from .progress import TqdmProgress
 from .sam2_loader import load_sam2
@@ -67,7 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_mask(args: argparse.Namespace) -> int:
     """Run the ``mask`` subcommand; returns the exit status (2 with a one-line error for bad input)."""
     try:
-        outputs = check_outputs(args)
+        outputs = output_paths(args)
         if args.sam2_size and not args.sam2:
             raise InputError("--sam2-size needs --sam2")
         if args.variant == "sam_masks" and not args.sam2:
@@ -86,11 +87,11 @@ def run_mask(args: argparse.Namespace) -> int:
         return 2
     for message in result.warnings:
         print(f"warning: {message}", file=sys.stderr)
-    Image.fromarray(result.mask.astype("uint8") * 255, "L").save(outputs["out"])
+    save_image(Image.fromarray(result.mask.astype("uint8") * 255, "L"), outputs["out"], args.force)
     if "regions_out" in outputs:
-        regions_image(result.regions).save(outputs["regions_out"])
+        save_image(regions_image(result.regions), outputs["regions_out"], args.force)
     if "overlay_out" in outputs:
-        render_overlay(image, result, points).save(outputs["overlay_out"])
+        save_image(render_overlay(image, result, points), outputs["overlay_out"], args.force)
     print(
         f"mask covers {result.coverage:.1%} of the image, {int(result.regions.max()) + 1} superpixels "
         f"(features {result.timings['features']:.2f} s, SLIC {result.timings['slic']:.2f} s) -> {outputs['out']}"
@@ -98,23 +99,12 @@ def run_mask(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_outputs(args: argparse.Namespace) -> dict[str, Path]:
+def output_paths(args: argparse.Namespace) -> dict[str, Path]:
     """The output paths by option name, after checking they can be written (raises InputError otherwise)."""
     outputs = {name: Path(getattr(args, name)) for name in ("out", "regions_out", "overlay_out") if getattr(args, name)}
-    if len(set(outputs.values())) != len(outputs):
-        raise InputError("output files must be different paths")
-    formats = Image.registered_extensions()
-    for name, path in outputs.items():
-        option = "--" + name.replace("_", "-")
-        suffix = path.suffix.lower()
-        if name == "regions_out" and suffix != ".png":
-            raise InputError(f"{option} {path}: regions are written as a 16-bit PNG, use a .png file")
-        if formats.get(suffix) not in Image.SAVE:
-            raise InputError(f"{option} {path}: cannot write images of type {suffix or '(no extension)'!r}")
-        if path.exists() and not args.force:
-            raise InputError(f"{option} {path} exists; pass --force to overwrite it")
-        if not path.parent.is_dir():
-            raise InputError(f"{option} {path}: folder {path.parent} does not exist")
+    if "regions_out" in outputs and outputs["regions_out"].suffix.lower() != ".png":
+        raise InputError(f"--regions-out {outputs['regions_out']}: regions are written as a 16-bit PNG, use a .png file")
+    check_outputs({"--" + name.replace("_", "-"): path for name, path in outputs.items()}, args.force)
     return outputs
 
 
