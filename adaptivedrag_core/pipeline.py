@@ -394,9 +394,9 @@ class _StageRunner:
 
 
 def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move ``module`` to ``device`` and ``dtype``, casting only when needed (diffusers warns on every cast)."""
-    parameter = next(module.parameters())
-    if parameter.device != device:
-        module.to(device)
-    if parameter.dtype != dtype:
-        module.to(dtype)
+    """Move ``module`` to ``device`` and ``dtype``.
+
+    ``torch.nn.Module.to`` is called directly: diffusers' override logs a warning about modules "to keep in
+    float32" on every cast, even for SD1.5, which has none.
+    """
+    torch.nn.Module.to(module, device=device, dtype=dtype)

@@ -85,3 +85,17 @@ def test_unknown_method_is_refused():
 
 def _must_not_train(*args, **kwargs):
     raise AssertionError("the identity LoRA was trained again")
+
+
+@pytest.mark.parametrize("method", ["adaptive", "freedrag", "dragdiffusion"])
+def test_half_precision_unet_runs_every_stage(method):
+    # On a GPU the UNet runs in fp16; on the CPU this catches dtype mismatches between the stages.
+    half = DragPipeline(tiny_sd_components(seed=0), dtype=torch.float16, model_id="tiny-fp16")
+    image = _picture()
+    mask = np.zeros((image.height, image.width), bool)
+    mask[5:30, 5:35] = True
+    result = half.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size),
+                       _settings(method=method, closs=True), mask=mask)
+    assert result.image.size == image.size
+    assert next(half.components.unet.parameters()).dtype == torch.float16
+    assert np.isfinite(np.asarray(result.image, dtype=float)).all() and np.asarray(result.image).std() > 0
