@@ -85,6 +85,35 @@ class EditSettings:
         return CLossSettings(weight=self.closs_weight, kind=self.closs_kind) if self.use_closs else None
 
 
+def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_latent: torch.Tensor, handles, targets,
+                     feature_size: tuple[int, int], method: str, mask: Optional[np.ndarray] = None,
+                     regions: Optional[np.ndarray] = None, feature_block: int = 2, progress: ProgressFn = None,
+                     **options):
+    """``drag()`` on the UNet's decoder features at the inverted timestep (the pipeline's and the node's drag).
+
+    Args:
+        unet, text_embeddings, schedule: the model (identity LoRA active), prompt and DDIM schedule.
+        inverted_latent: z_t to optimise.
+        handles, targets: feature-grid pixels.
+        feature_size: (width, height) of the feature grid.
+        method: "adaptive", "freedrag" or "dragdiffusion".
+        mask, regions: optional bool / int arrays at image resolution; mapped onto the feature grid with
+            :func:`images.resize_labels`, so both land on the same cells. A mask adds the x_{t-1} mask term.
+        feature_block: the UNet up-block whose output is the feature map.
+        progress: ``progress(step, total)``.
+        **options: the method's hyper-parameters.
+    """
+    from .drag import drag
+
+    feature_mask = None if mask is None else torch.from_numpy(resize_labels(mask, *feature_size)).bool()
+    feature_regions = None if regions is None else torch.from_numpy(
+        resize_labels(regions, *feature_size).astype(np.int64))
+    feature_fn = make_feature_fn(unet, text_embeddings, schedule, feature_size, feature_block,
+                                 with_prediction=mask is not None)
+    return drag(inverted_latent.float(), feature_fn, handles, targets, method=method, mask=feature_mask,
+                regions=feature_regions, progress=progress, **options)
+
+
 def feature_grid_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """(width, height) of the drag feature map for an image (DragDiffusion: half the image size)."""
     return (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -247,16 +276,10 @@ class DragPipeline:
     def drag(self, inversion: Inversion, handles, targets, feature_size, settings: EditSettings,
              mask: Optional[np.ndarray] = None, regions: Optional[np.ndarray] = None, progress: ProgressFn = None):
         """Optimise the inverted latent so content moves from handles to targets (feature-grid pixels)."""
-        from .drag import drag
-
-        feature_mask = None if mask is None else torch.from_numpy(resize_labels(mask, *feature_size)).bool()
-        feature_regions = None if regions is None else torch.from_numpy(
-            resize_labels(regions, *feature_size).astype(np.int64))
         with self._lora(inversion.lora):
-            feature_fn = make_feature_fn(self.components.unet, inversion.text_embeddings, inversion.schedule,
-                                         feature_size, settings.feature_block, with_prediction=mask is not None)
-            return drag(inversion.inverted_latent.float(), feature_fn, handles, targets, method=settings.method,
-                        mask=feature_mask, regions=feature_regions, progress=progress, **settings.drag_options)
+            return drag_on_features(self.components.unet, inversion.text_embeddings, inversion.schedule,
+                                    inversion.inverted_latent, handles, targets, feature_size, settings.method,
+                                    mask, regions, settings.feature_block, progress, **settings.drag_options)
 
     def sample(self, inversion: Inversion, dragged_latent, reference: ReferenceBranch, settings: EditSettings,
                latent_handles=(), latent_targets=(), progress: ProgressFn = None) -> torch.Tensor:

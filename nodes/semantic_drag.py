@@ -8,11 +8,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from adaptivedrag_core.drag import drag
 from adaptivedrag_core.errors import InputError
-from adaptivedrag_core.features import make_feature_fn
-from adaptivedrag_core.images import resize_labels
-from adaptivedrag_core.pipeline import METHODS, feature_grid_size
+from adaptivedrag_core.pipeline import METHODS, drag_on_features, feature_grid_size
 from adaptivedrag_core.points import DragPoints, map_point
 
 from .bridge import core_model, mask_array, ordinary
@@ -21,7 +18,6 @@ from .runtime import node_progress, release_memory
 from .spec import (DRAG_POINTS, DRAGGED_LATENT, INVERTED_LATENT, SUPERPIXELS, InputSpec, NodeResult, NodeSpec,
                    OutputSpec)
 
-FEATURE_BLOCK = 2  # DragDiffusion's decoder block (diffusers numbering)
 
 
 @dataclass(frozen=True)
@@ -72,15 +68,15 @@ def points_for_latent(points: DragPoints, inversion: InvertedLatent) -> DragPoin
                      f"{points.width}x{points.height}; connect the same image to Drag Points and VAE Encode")
 
 
-def grid_array(array: Optional[np.ndarray], name: str, points: DragPoints, grid_size: tuple[int, int]):
-    """A mask or label map at the points' image size, resized (nearest) to the feature grid; None stays None."""
+def check_image_sized(array: Optional[np.ndarray], name: str, points: DragPoints) -> Optional[np.ndarray]:
+    """``array`` (a mask or label map), after checking it has the size of the image the points belong to."""
     if array is None:
         return None
     array = np.asarray(array)
     if array.shape[:2] != (points.height, points.width):
         raise InputError(f"{name} is {array.shape[1]}x{array.shape[0]} but the points were placed on "
                          f"{points.width}x{points.height}")
-    return torch.from_numpy(resize_labels(array, *grid_size))
+    return array
 
 
 def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str = "adaptive",
@@ -113,18 +109,16 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
     grid_size = feature_grid_size(width, height, feature_scale)
     handles, targets = points.to_grid(*grid_size)
     user_mask = None if mask is None else mask_array(mask, points.width, points.height)
-    grid_mask = grid_array(user_mask, "mask", points, grid_size)
-    regions = grid_array(superpixels, "superpixels", points, grid_size) if method == "adaptive" else None
+    user_mask = check_image_sized(user_mask, "mask", points)
+    regions = check_image_sized(superpixels, "superpixels", points) if method == "adaptive" else None
     options = method_options(method, steps, max_steps, lr, motion_radius, tracking_radius, mask_weight,
                              superpixel_radii, freedrag_l, freedrag_d, freedrag_window_radius, freedrag_gamma)
 
     core = core_model(inverted.model, trainable=True)
     with lora_context(core, inverted.lora):
-        feature_fn = make_feature_fn(core.unet, inverted.text_embeddings.to(core.device), inverted.schedule,
-                                     grid_size, FEATURE_BLOCK, with_prediction=grid_mask is not None)
-        result = drag(inverted.inverted_latent.to(core.device), feature_fn, handles, targets, method=method,
-                      mask=None if grid_mask is None else grid_mask.bool(),
-                      regions=None if regions is None else regions.long(), progress=node_progress(), **options)
+        result = drag_on_features(core.unet, inverted.text_embeddings.to(core.device), inverted.schedule,
+                                  inverted.inverted_latent.to(core.device), handles, targets, grid_size, method,
+                                  user_mask, regions, progress=node_progress(), **options)
     release_memory()
     final = [map_point(point, *grid_size, width, height) for point in result.handles]
     return NodeResult((DraggedLatent(inverted, ordinary(result.latent, "cpu"), points, final,
