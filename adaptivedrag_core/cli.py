@@ -74,6 +74,7 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-steps", type=int, default=None, help="identity LoRA steps (default 80; 0 skips)")
     p.add_argument("--lora", help="LoRA .safetensors: loaded if it exists, else trained and saved there")
+    add_checkpointing_argument(p)
     p.add_argument("--drag-steps", type=int, default=None,
                    help="drag step budget: max steps for dragdiffusion/freedrag, the step count n for adaptive")
     p.add_argument("--drag-option", action="append", default=[], metavar="NAME=VALUE",
@@ -87,6 +88,22 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--demo", action="store_true",
                    help="no model needed: tiny random-weight model on the bundled sample image (output is noise)")
     p.set_defaults(run=run_edit)
+
+
+def add_checkpointing_argument(parser) -> None:
+    """``--lora-gradient-checkpointing auto|on|off``; read it with :func:`checkpointing_choice`."""
+    from .pipeline import CHECKPOINTING_CHOICES
+
+    parser.add_argument("--lora-gradient-checkpointing", choices=tuple(CHECKPOINTING_CHOICES), default="auto",
+                        help="train the identity LoRA with gradient checkpointing: far less GPU memory, about a "
+                             "third slower (default auto: on for GPUs under 16 GiB)")
+
+
+def checkpointing_choice(args):
+    """The ``lora_gradient_checkpointing`` setting (None = auto) from the parsed arguments."""
+    from .pipeline import CHECKPOINTING_CHOICES
+
+    return CHECKPOINTING_CHOICES[args.lora_gradient_checkpointing]
 
 
 def preview_path(out: Path) -> Path:
@@ -154,7 +171,8 @@ def _settings(args):
 
     settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, closs=args.closs,
                             closs_kind=args.closs_kind, closs_weight=args.closs_weight,
-                            num_steps=args.ddim_steps, strength=args.strength, guidance_scale=args.guidance_scale)
+                            num_steps=args.ddim_steps, strength=args.strength, guidance_scale=args.guidance_scale,
+                            lora_gradient_checkpointing=checkpointing_choice(args))
     drag_steps = args.drag_steps
     if args.demo:
         # Small enough to finish in well under a minute on 2 CPU cores.

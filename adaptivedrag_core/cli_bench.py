@@ -2,6 +2,8 @@
 
     python -m adaptivedrag_core bench speed [--device cpu|cuda] [--size 512] [--method adaptive]
         [--drag-steps 80] [--lora-steps 80] [--repeat 1] [--out FILE]
+    python -m adaptivedrag_core bench estimate [--size 512] [--method adaptive] [--lora-gradient-checkpointing]
+        [--out FILE]
     python -m adaptivedrag_core bench dragbench DIR --model SD15 --method adaptive [--dift-model SD21_DIR]
         [--lpips-weights FILE] --out results/ [--limit N] [--device cuda]
 
@@ -16,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import add_checkpointing_argument, checkpointing_choice
 from .errors import InputError
 from .pipeline import METHODS
 
@@ -24,10 +27,12 @@ TINY_MODEL = "tiny-random"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``bench`` (with ``speed`` and ``dragbench``) on an ``argparse`` subparsers object."""
-    parser = subparsers.add_parser("bench", help="speed benchmark and DragBench evaluation",
-                                   description="Benchmarks: speed and memory per stage, and DragBench (MD, IF).")
+    parser = subparsers.add_parser("bench", help="speed benchmark, GPU memory estimate and DragBench evaluation",
+                                   description="Benchmarks: speed and memory per stage, a GPU-free estimate of "
+                                   "memory and compute per stage, and DragBench (MD, IF).")
     commands = parser.add_subparsers(dest="bench_command")
     _add_speed_parser(commands)
+    _add_estimate_parser(commands)
     _add_dragbench_parser(commands)
     parser.set_defaults(run=lambda args: _missing_command(parser))
     return parser
@@ -56,6 +61,7 @@ def _add_speed_parser(commands) -> None:
                    help="sd15: random-init full size (default on cuda); tiny: tiny random (default on cpu)")
     p.add_argument("--sam2-size", choices=SAM2_SIZES, default=None,
                    help="random-init SAM2 size (default large on cuda, tiny on cpu); none: Lab-colour fallback")
+    add_checkpointing_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(run=run_speed)
@@ -66,16 +72,59 @@ def run_speed(args) -> int:
 
     config = SpeedConfig(device=args.device, size=args.size, method=args.method, drag_steps=args.drag_steps,
                          lora_steps=args.lora_steps, num_steps=args.ddim_steps, strength=args.strength,
-                         repeat=args.repeat, models=args.models, sam2_size=args.sam2_size, seed=args.seed)
-    out = Path(args.out) if args.out else None
+                         repeat=args.repeat, models=args.models, sam2_size=args.sam2_size, seed=args.seed,
+                         lora_gradient_checkpointing=checkpointing_choice(args))
+    out = _report_path(args.out)
+    _print_report(run_speed_benchmark(config, log=lambda line: print(line, file=sys.stderr)), out)
+    return 0
+
+
+def _add_estimate_parser(commands) -> None:
+    p = commands.add_parser("estimate", help="estimate each stage's peak GPU memory and compute, without a GPU",
+                            description="Runs the stages of one edit on PyTorch's meta device with full-size SD1.5 "
+                            "in the GPU's dtypes, counting the bytes of every live tensor (an estimate of "
+                            "torch.cuda.max_memory_allocated per stage) and the FLOPs per step. About a minute "
+                            "on a CPU.")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    p.add_argument("--method", default="adaptive", choices=METHODS)
+    p.add_argument("--no-mask", dest="mask", action="store_false",
+                   help="drag without a mask (the UNet stops after the feature block)")
+    p.add_argument("--lora-gradient-checkpointing", action="store_true",
+                   help="train the identity LoRA with gradient checkpointing")
+    p.add_argument("--lora-steps", type=int, default=80, help="identity LoRA steps for the totals (default 80)")
+    p.add_argument("--drag-steps", type=int, default=80, help="drag steps for the totals (default 80)")
+    p.add_argument("--lora-batch-size", type=int, default=4, help="identity LoRA batch (default 4)")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the full schedule (default 50)")
+    p.add_argument("--strength", type=float, default=0.7, help="inversion strength (default 0.7: 35 of 50 steps)")
+    p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="UNet and text encoder dtype")
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.set_defaults(run=run_estimate)
+
+
+def run_estimate(args) -> int:
+    from .bench.estimate import EstimateConfig, estimate_edit
+
+    config = EstimateConfig(size=args.size, method=args.method, mask=args.mask,
+                            lora_gradient_checkpointing=args.lora_gradient_checkpointing, lora_steps=args.lora_steps,
+                            drag_steps=args.drag_steps, lora_batch_size=args.lora_batch_size,
+                            num_steps=args.ddim_steps, strength=args.strength, dtype=args.dtype)
+    out = _report_path(args.out)
+    _print_report(estimate_edit(config), out)
+    return 0
+
+
+def _report_path(path):
+    out = Path(path) if path else None
     if out is not None and not out.parent.exists():
         raise InputError(f"output folder {out.parent} does not exist")
-    report = run_speed_benchmark(config, log=lambda line: print(line, file=sys.stderr))
+    return out
+
+
+def _print_report(report: dict, out) -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if out is not None:
         out.write_text(text + "\n", encoding="utf-8")
-    return 0
 
 
 def _add_dragbench_parser(commands) -> None:
@@ -106,6 +155,7 @@ def _add_dragbench_parser(commands) -> None:
                    help="dragbench: the samples' masks (default); auto: the AdaptiveDrag auto mask")
     p.add_argument("--sam2", help="SAM2 checkpoint for the superpixels (adaptive, --mask auto); else Lab colour")
     p.add_argument("--sam2-size", help="SAM2 model size, if the file name does not tell")
+    add_checkpointing_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_dragbench_command)
 
@@ -142,7 +192,7 @@ def run_dragbench_command(args) -> int:
 def _dragbench_settings(args):
     from .pipeline import EditSettings, step_budget
 
-    settings = EditSettings(method=args.method, seed=args.seed)
+    settings = EditSettings(method=args.method, seed=args.seed, lora_gradient_checkpointing=checkpointing_choice(args))
     for name, value in (("lora_steps", args.lora_steps), ("work_size", args.work_size),
                         ("num_steps", args.ddim_steps)):
         if value is not None:

@@ -42,6 +42,8 @@ class EditSettings:
         seed: seeds the LoRA training (the only random stage).
         work_size: longer side of the working copy (512, SD1.5's native size).
         lora_steps, lora_rank, lora_lr, lora_batch_size: identity LoRA (80, 16, 5e-4, 4); 0 steps skips it.
+        lora_gradient_checkpointing: train the LoRA with gradient checkpointing (same weights, far less memory,
+            slower); None decides by the device (:func:`lora_checkpointing`).
         num_steps, strength: DDIM schedule (50) and inversion strength (0.7 -> invert 35 steps).
         feature_block: UNet up-block whose output is the drag feature map (2).
         feature_scale: feature map size relative to the image (0.5 -> 256x256 for 512x512).
@@ -61,6 +63,7 @@ class EditSettings:
     lora_rank: int = 16
     lora_lr: float = 5e-4
     lora_batch_size: int = 4
+    lora_gradient_checkpointing: Optional[bool] = None
     num_steps: int = 50
     strength: float = 0.7
     feature_block: int = 2
@@ -112,6 +115,24 @@ def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_lat
                                  with_prediction=mask is not None)
     return drag(inverted_latent.float(), feature_fn, handles, targets, method=method, mask=feature_mask,
                 regions=feature_regions, progress=progress, **options)
+
+
+#: GPUs with less memory than this train the identity LoRA with gradient checkpointing unless told otherwise:
+#: without it the LoRA step at 512 px is the edit's peak, about 6 GiB (docs/performance.md, "Memory").
+CHECKPOINTING_BELOW_BYTES = 16 * 2**30
+#: The user-facing choices (CLI, node) for ``lora_gradient_checkpointing``.
+CHECKPOINTING_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def lora_checkpointing(setting: Optional[bool], device) -> bool:
+    """Whether the identity LoRA trains with gradient checkpointing: ``setting``, or when it is None (auto), on
+    for CUDA devices with less than 16 GiB, where memory is what limits, and off elsewhere, where speed is."""
+    if setting is not None:
+        return setting
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_properties(device).total_memory < CHECKPOINTING_BELOW_BYTES
 
 
 def feature_grid_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -222,6 +243,7 @@ class DragPipeline:
             state = train_identity_lora(
                 self.components.unet, latent, text_embeddings, steps=settings.lora_steps, rank=settings.lora_rank,
                 lr=settings.lora_lr, batch_size=settings.lora_batch_size, seed=settings.seed, progress=progress,
+                gradient_checkpointing=lora_checkpointing(settings.lora_gradient_checkpointing, self.device),
             )
             if disk is not None:
                 disk.parent.mkdir(parents=True, exist_ok=True)

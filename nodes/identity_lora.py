@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from adaptivedrag_core.lora import train_identity_lora
+from adaptivedrag_core.pipeline import CHECKPOINTING_CHOICES, lora_checkpointing
 
 from .bridge import check_text_width, core_model, ordinary, scaled_latent, text_embeddings
 from .runtime import node_progress, release_memory
@@ -10,7 +11,7 @@ from .spec import IDENTITY_LORA, InputSpec, NodeResult, NodeSpec, OutputSpec
 
 
 def train_lora(model, latent: dict, positive: list, steps: int = 80, rank: int = 16, lr: float = 5e-4,
-               batch_size: int = 4, seed: int = 0) -> NodeResult:
+               batch_size: int = 4, seed: int = 0, gradient_checkpointing: str = "auto") -> NodeResult:
     """Fine-tune an identity LoRA on the image's latent.
 
     Args:
@@ -18,6 +19,8 @@ def train_lora(model, latent: dict, positive: list, steps: int = 80, rank: int =
         latent: LATENT of the image (VAE Encode); its first latent is used.
         positive: CONDITIONING of the prompt (CLIP Text Encode).
         steps, rank, lr, batch_size, seed: training settings (DragDiffusion: 80, 16, 5e-4, 4).
+        gradient_checkpointing: "auto" (on for GPUs under 16 GiB), "on" or "off"; None (a workflow saved before
+            the input existed) is "auto".
 
     Returns:
         The LoRA weights (a state dict of CPU tensors; the given MODEL is not changed).
@@ -26,7 +29,9 @@ def train_lora(model, latent: dict, positive: list, steps: int = 80, rank: int =
     embeddings = text_embeddings(positive)
     check_text_width(embeddings, core)
     state = train_identity_lora(core.unet, scaled_latent(latent, core), embeddings.to(core.device), steps=steps,
-                                rank=rank, lr=lr, batch_size=batch_size, seed=seed, progress=node_progress())
+                                rank=rank, lr=lr, batch_size=batch_size, seed=seed, progress=node_progress(),
+                                gradient_checkpointing=lora_checkpointing(
+                                    CHECKPOINTING_CHOICES[gradient_checkpointing or "auto"], core.device))
     release_memory()
     return NodeResult(({key: ordinary(value, "cpu") for key, value in state.items()},))
 
@@ -46,6 +51,9 @@ SPEC = NodeSpec(
         InputSpec("batch_size", "INT", "Noised copies of the image per step (4).", default=4, min=1, max=16),
         InputSpec("seed", "INT", "Seed for the LoRA initialisation, timesteps and noise.", default=0, min=0,
                   max=2**32 - 1, seed_control=True),
+        InputSpec("gradient_checkpointing", "COMBO", "Recompute activations in the backward pass: the same LoRA "
+                  "with far less GPU memory (about 3 GiB less at 512 px), about a third slower. auto: on for GPUs "
+                  "under 16 GiB.", default="auto", options=tuple(CHECKPOINTING_CHOICES), optional=True),
     ),
     outputs=(OutputSpec("lora", IDENTITY_LORA, "Identity LoRA weights for DDIM Inversion."),),
     run=train_lora,

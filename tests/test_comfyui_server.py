@@ -293,6 +293,19 @@ def test_moving_only_the_points_reuses_the_cached_lora_and_inversion(server):
     assert drag_id not in cached["nodes"]
 
 
+@pytest.mark.parametrize("checkpointing", [None, "on"], ids=["saved-before-the-input", "on"])
+def test_identity_lora_gradient_checkpointing_choice_runs(server, checkpointing):
+    """A prompt without the input (saved before it existed) still runs, and so does checkpointing on."""
+    prompt = quick(PACK_DIR / "workflows" / "api" / "freedrag.json", pairs=[((24, 24), (30, 28))])
+    _, lora_node = node_of(prompt, "AdaptiveDrag_IdentityLoRA")
+    if checkpointing is None:
+        del lora_node["inputs"]["gradient_checkpointing"]
+    else:
+        lora_node["inputs"]["gradient_checkpointing"] = checkpointing
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", errors(entry)
+
+
 def test_a_bad_graph_is_refused_with_the_node_and_input_named(server):
     prompt = quick(PACK_DIR / "workflows" / "api" / "freedrag.json")
     drag_id, drag_node = node_of(prompt, "AdaptiveDrag_SemanticDrag")

@@ -219,3 +219,29 @@ def test_load_missing_or_invalid_files(tmp_path):
     save_file({"conv.weight": torch.zeros(2, 2)}, str(not_lora))
     with pytest.raises(InputError, match="weights.safetensors is not a LoRA state"):
         load_lora(not_lora)
+
+
+def test_gradient_checkpointing_trains_the_same_weights_and_is_switched_off_after(tiny, image, trained):
+    _, state, _ = trained
+    checkpointed = train_identity_lora(tiny.unet, *image, gradient_checkpointing=True, **TRAINING)
+    assert not tiny.unet.is_gradient_checkpointing
+    assert checkpointed.keys() == state.keys()
+    for key, value in state.items():
+        torch.testing.assert_close(checkpointed[key], value, rtol=1e-5, atol=1e-7)
+    assert any(value.abs().max() > 0 for key, value in checkpointed.items() if "lora_B" in key)  # it trained
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_in_the_backward_pass(tiny, image):
+    """Checkpointing is really on while training: a block's forward runs again during the backward pass (a
+    block after the first LoRA layers: the gradient does not reach further back). A pre-hook, because the
+    recomputation stops as soon as it has what the backward pass needs, before the forward ends."""
+    calls = []
+    handle = tiny.unet.up_blocks[-1].resnets[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        train_identity_lora(tiny.unet, *image, **{**TRAINING, "steps": 1})
+        plain = len(calls)
+        calls.clear()
+        train_identity_lora(tiny.unet, *image, gradient_checkpointing=True, **{**TRAINING, "steps": 1})
+    finally:
+        handle.remove()
+    assert (plain, len(calls)) == (1, 2)

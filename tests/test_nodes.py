@@ -281,3 +281,20 @@ def test_long_loops_drive_comfyui_progress_bar_and_stop_on_cancel(monkeypatch, t
         run(ddim_inversion.SPEC, model=tiny, latent=graph_inputs["latent"], positive=graph_inputs["positive"],
             steps=10, strength=1.0)
     assert updates == [(1, 10), (2, 10)]
+
+
+@pytest.mark.parametrize("choice, expected", [(None, False), ("auto", False), ("on", True), ("off", False)])
+def test_identity_lora_node_passes_its_gradient_checkpointing_choice(monkeypatch, tiny, graph_inputs, choice,
+                                                                    expected):
+    """None is what a workflow saved before the input existed sends: it means auto (off on the CPU)."""
+    seen = []
+    train = identity_lora.train_identity_lora
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["gradient_checkpointing"])
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(identity_lora, "train_identity_lora", recording)
+    run(identity_lora.SPEC, model=tiny, latent=graph_inputs["latent"], positive=graph_inputs["positive"], steps=1,
+        rank=2, batch_size=1, gradient_checkpointing=choice)
+    assert seen == [expected]

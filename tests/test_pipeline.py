@@ -8,7 +8,7 @@ from PIL import Image
 from adaptivedrag_core import lora as lora_module
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.models import tiny_sd_components
-from adaptivedrag_core.pipeline import DragPipeline, EditSettings, step_budget
+from adaptivedrag_core.pipeline import DragPipeline, EditSettings, lora_checkpointing, step_budget
 from adaptivedrag_core.points import DragPoints
 
 
@@ -99,3 +99,32 @@ def test_half_precision_unet_runs_every_stage(method):
     assert result.image.size == image.size
     assert next(half.components.unet.parameters()).dtype == torch.float16
     assert np.isfinite(np.asarray(result.image, dtype=float)).all() and np.asarray(result.image).std() > 0
+
+
+@pytest.mark.parametrize("setting, memory_gib, expected", [
+    (None, 8, True), (None, 80, False), (True, 80, True), (False, 8, False),
+])
+def test_lora_checkpointing_is_on_by_default_only_on_small_gpus(monkeypatch, setting, memory_gib, expected):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=memory_gib * 2**30))
+    assert lora_checkpointing(setting, "cuda") is expected
+    assert lora_checkpointing(None, "cpu") is False
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_the_pipeline_trains_the_lora_with_the_checkpointing_setting(monkeypatch, setting):
+    seen = []
+    train = lora_module.train_identity_lora
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["gradient_checkpointing"])
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(lora_module, "train_identity_lora", recording)
+    image = _picture()
+    pipeline = DragPipeline(tiny_sd_components(seed=0), model_id="tiny")
+    pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size),
+                  _settings(lora_gradient_checkpointing=setting))
+    assert seen == [setting]

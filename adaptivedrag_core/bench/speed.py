@@ -41,7 +41,15 @@ from PIL import Image
 from ..errors import InputError
 from ..images import prepare_image
 from ..models import SDComponents
-from ..pipeline import METHODS, VAE_DOWNSCALE, DragPipeline, EditSettings, feature_grid_size, step_budget
+from ..pipeline import (
+    METHODS,
+    VAE_DOWNSCALE,
+    DragPipeline,
+    EditSettings,
+    feature_grid_size,
+    lora_checkpointing,
+    step_budget,
+)
 from ..points import DragPoints
 
 # The issue's targets for a 512x512 edit at the paper's defaults on one H100, warm process.
@@ -70,6 +78,7 @@ class SpeedConfig:
         sam2_size: SAM2 architecture (default large on CUDA, tiny on the CPU); "none" times the weight-free Lab
             fallback instead.
         seed: seeds the random models and the LoRA.
+        lora_gradient_checkpointing: as :class:`EditSettings` (None: by the device).
     """
 
     device: str = "cpu"
@@ -83,6 +92,7 @@ class SpeedConfig:
     models: Optional[str] = None
     sam2_size: Optional[str] = None
     seed: int = 0
+    lora_gradient_checkpointing: Optional[bool] = None
 
     def __post_init__(self):
         on_cuda = self.device == "cuda"
@@ -93,24 +103,31 @@ class SpeedConfig:
         self.size = self.size or (512 if on_cuda else 128)
         self.models = self.models or ("sd15" if on_cuda else "tiny")
         self.sam2_size = self.sam2_size or ("large" if on_cuda else "tiny")
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.models not in MODEL_KINDS:
             raise InputError(f"unknown models {self.models!r}; choose one of {', '.join(MODEL_KINDS)}")
         if self.sam2_size not in SAM2_SIZES:
             raise InputError(f"unknown SAM2 size {self.sam2_size!r}; choose one of {', '.join(SAM2_SIZES)}")
-        for name in ("drag_steps", "lora_steps", "num_steps", "repeat"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.size < 64 or self.size % 8:
-            raise InputError(f"size must be a multiple of 8 and at least 64, got {self.size}")
+        check_bench_edit(self, ("drag_steps", "lora_steps", "num_steps", "repeat"))
 
     def edit_settings(self) -> EditSettings:
         drag_options = step_budget(self.method, self.drag_steps)
         if self.method == "adaptive":
             drag_options["n_max"] = self.drag_steps  # a pinned budget, so every run takes the same steps
         return EditSettings(method=self.method, seed=self.seed, work_size=self.size, lora_steps=self.lora_steps,
-                            num_steps=self.num_steps, strength=self.strength, drag_options=drag_options)
+                            num_steps=self.num_steps, strength=self.strength, drag_options=drag_options,
+                            lora_gradient_checkpointing=self.lora_gradient_checkpointing)
+
+
+def check_bench_edit(config, counts: tuple) -> None:
+    """Refuse a benchmark config whose ``method`` is unknown, whose ``size`` the VAE cannot take, or whose
+    ``counts`` (attribute names) are below 1."""
+    if config.method not in METHODS:
+        raise InputError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.size < 64 or config.size % VAE_DOWNSCALE:
+        raise InputError(f"size must be a multiple of {VAE_DOWNSCALE} and at least 64, got {config.size}")
+    for name in counts:
+        if getattr(config, name) < 1:
+            raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
 
 
 @dataclass
@@ -264,6 +281,7 @@ def run_speed_benchmark(config: SpeedConfig, components: Optional[SDComponents] 
         "re_drag_s": statistics.median(run["re_drag_s"] for run in runs),
         "warmup_overhead_s": round(warmup["first_edit_s"] - statistics.median(run["first_edit_s"] for run in runs), 4),
         "first_edit_peak_memory_bytes": max(run["first_edit_peak_memory_bytes"] for run in runs),
+        "lora_gradient_checkpointing": lora_checkpointing(settings.lora_gradient_checkpointing, device),
         "drag_steps_requested": config.drag_steps,
         "drag_steps_run": min(run["stages"]["drag"].steps for run in runs),
         "notes": notes(config, device),

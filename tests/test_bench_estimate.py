@@ -1,0 +1,141 @@
+"""The GPU-free estimate: the live-byte count, the meta run against a real one, FLOPs, what checkpointing saves."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from adaptivedrag_core import cli_bench
+from adaptivedrag_core.bench.estimate import CostCounter, EstimateConfig, estimate_edit
+from adaptivedrag_core.errors import InputError
+from adaptivedrag_core.models import tiny_sd_components
+
+STAGES = ["prepare", "lora", "inversion", "reference", "drag_start", "drag", "sampling", "vae_decode"]
+SMALL = dict(size=64, num_steps=4, strength=0.5, lora_steps=10, drag_steps=20)  # 2 inversion and sampling steps
+
+
+def _estimate(device="cpu", **overrides):
+    """The tiny model's estimate; on the CPU by default (as exact as meta, see below, and faster for it)."""
+    return estimate_edit(EstimateConfig(**{**SMALL, **overrides}), tiny_sd_components(seed=0), device=device)
+
+
+def _peaks(report):
+    return {name: stage["peak_bytes"] for name, stage in report["stages"].items()}
+
+
+def _flops(report):
+    return {name: stage["flop_per_step"] for name, stage in report["stages"].items()}
+
+
+def test_cost_counter_counts_each_storage_once_until_it_is_freed_and_flops():
+    counter = CostCounter()
+    with counter:
+        a = torch.zeros(1000)  # 4000 bytes
+        view = a[10:20]
+        b = torch.zeros(500, dtype=torch.float16)  # 1000 bytes
+        assert counter.live == 5000
+        del a
+        assert counter.live == 5000  # the view keeps the storage alive
+        del view
+        assert counter.live == 1000
+        counter.reset_peak()
+        c = b.float()  # 2000 bytes
+        del b, c
+    assert counter.live == 0 and counter.peak == 3000
+    assert counter.flops == 0
+    with counter:
+        torch.ones(3, 5) @ torch.ones(5, 7)  # 3 x 7 outputs, 5 multiply-adds each
+    assert counter.flops == 2 * 3 * 5 * 7
+
+
+def test_meta_estimate_matches_a_real_run_on_the_cpu():
+    """The meta run follows the real code path: the same FLOPs, and bytes within 1 % of the real run's."""
+    meta, real = _estimate("meta"), _estimate("cpu")
+    assert list(meta["stages"]) == STAGES
+    assert meta["weights_bytes"] == real["weights_bytes"] > 0
+    assert meta["reference_recording_bytes"] == real["reference_recording_bytes"] > 0
+    assert _flops(meta) == _flops(real)
+    for stage, peak in _peaks(meta).items():
+        assert peak == pytest.approx(_peaks(real)[stage], rel=0.01), stage
+
+
+def test_report_weights_peak_target_and_totals():
+    tiny = tiny_sd_components(seed=0)
+    report = estimate_edit(EstimateConfig(**SMALL), tiny, device="cpu")
+    modules = (tiny.unet, tiny.text_encoder, tiny.vae)
+    assert [next(m.parameters()).dtype for m in modules] == [torch.float16, torch.float16, torch.float32]
+    assert report["weights_bytes"] == sum(t.numel() * t.element_size()
+                                          for m in modules for t in (*m.parameters(), *m.buffers()))
+    peaks = _peaks(report)
+    assert all(peak > report["weights_bytes"] for peak in peaks.values())
+    assert report["peak_bytes"] == max(peaks.values()) == peaks[report["peak_stage"]]
+    assert report["meets_target"] is (report["peak_bytes"] <= 6 * 2**30)
+    # The recording is alive from the reference stage on: sampling holds it and its own step on top.
+    assert peaks["sampling"] > report["weights_bytes"] + report["reference_recording_bytes"]
+    stages = report["stages"]
+    assert (stages["lora"]["steps_run"], stages["lora"]["edit_steps"]) == (2, 10)
+    assert (stages["drag"]["steps_run"], stages["drag"]["edit_steps"]) == (1, 20)
+    assert stages["inversion"]["edit_steps"] == stages["sampling"]["edit_steps"] == 2
+    total = sum(stage["flop_per_step"] * stage["edit_steps"] for stage in stages.values())
+    assert report["first_edit_tflop"] == pytest.approx(total / 1e12, abs=1e-3)
+    assert 0 < report["re_drag_tflop"] < report["first_edit_tflop"]
+    json.dumps(report)
+
+
+def test_flops_follow_the_passes_each_step_makes():
+    flops = _flops(_estimate())
+    forward = flops["inversion"]
+    assert flops["reference"] == pytest.approx(forward, rel=0.01)  # one forward per step, no gradient
+    assert flops["drag_start"] == pytest.approx(forward, rel=0.05)  # one forward (and the feature resize)
+    # A backward pass for the input's gradient costs up to one forward more (less: the first layers need none),
+    # and one for the weights' gradients on top: LoRA's are small.
+    assert 1.5 * forward < flops["drag"] < 3 * forward
+    assert flops["sampling"] == pytest.approx(flops["drag"], rel=0.05)  # CLoss on every step: the same passes
+    assert 4 * 1.5 * forward < flops["lora"] < 4 * 3 * forward  # batch 4
+    no_closs = _flops(_estimate(method="dragdiffusion"))
+    # One forward, less the key/value projections of the layers that replay the reference's.
+    assert 0.9 * forward < no_closs["sampling"] < forward
+
+
+def test_gradient_checkpointing_lowers_the_lora_peak_and_adds_a_recomputation():
+    plain, checkpointed = _estimate(), _estimate(lora_gradient_checkpointing=True)
+    assert _peaks(checkpointed)["lora"] < _peaks(plain)["lora"]
+    assert _flops(plain)["lora"] < _flops(checkpointed)["lora"] < 1.5 * _flops(plain)["lora"]
+    for stage in STAGES[2:]:
+        assert _peaks(checkpointed)[stage] == _peaks(plain)[stage]
+
+
+def test_a_bigger_image_or_batch_needs_more():
+    base = _estimate()
+    bigger = _estimate(size=128)
+    assert _peaks(bigger)["drag"] > _peaks(base)["drag"]
+    # 4x the pixels: most of the work grows with them, self-attention faster, cross-attention to the prompt less.
+    assert 3 <= _flops(bigger)["inversion"] / _flops(base)["inversion"] <= 16
+    assert _peaks(_estimate(lora_batch_size=8))["lora"] > _peaks(base)["lora"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(size=100), "multiple of 8"), (dict(method="warp"), "unknown method"), (dict(dtype="fp8"), "fp16 or bf16"),
+    (dict(drag_steps=0), "drag-steps must be at least 1"),
+])
+def test_bad_settings_are_refused(bad, message):
+    with pytest.raises(InputError, match=message):
+        EstimateConfig(**bad)
+
+
+def test_cli_estimate_prints_the_full_size_report(tmp_path, capsys):
+    """Full-size SD1.5 on meta at a small image: weights are SD1.5's, in the GPU's dtypes."""
+    parser = argparse.ArgumentParser()
+    cli_bench.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "estimate.json"
+    args = parser.parse_args(["bench", "estimate", "--size", "64", "--ddim-steps", "4", "--strength", "0.5",
+                              "--out", str(out)])
+    assert args.run(args) == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["unet_parameters"] == 859_520_964
+    # UNet and CLIP text encoder in fp16, the VAE in fp32 (and CLIP's int64 position ids).
+    assert report["weights_bytes"] == 2 * (859_520_964 + 123_060_480) + 4 * 83_653_863 + 8 * 77
+    assert list(report["stages"]) == STAGES
+    assert report["settings"]["closs"] is True and report["settings"]["lora_gradient_checkpointing"] is False
