@@ -95,8 +95,8 @@ def add_checkpointing_argument(parser) -> None:
     from .pipeline import CHECKPOINTING_CHOICES
 
     parser.add_argument("--lora-gradient-checkpointing", choices=tuple(CHECKPOINTING_CHOICES), default="auto",
-                        help="train the identity LoRA with gradient checkpointing: far less GPU memory, about a "
-                             "third slower (default auto: on for GPUs under 16 GiB)")
+                        help="train the identity LoRA with gradient checkpointing: half the GPU memory, a third more "
+                             "computation (default auto: on for GPUs under 16 GiB)")
 
 
 def checkpointing_choice(args):

@@ -52,7 +52,7 @@ SPEC = NodeSpec(
         InputSpec("seed", "INT", "Seed for the LoRA initialisation, timesteps and noise.", default=0, min=0,
                   max=2**32 - 1, seed_control=True),
         InputSpec("gradient_checkpointing", "COMBO", "Recompute activations in the backward pass: the same LoRA "
-                  "with far less GPU memory (about 3 GiB less at 512 px), about a third slower. auto: on for GPUs "
+                  "with about 3 GiB less GPU memory at 512 px, for a third more computation. auto: on for GPUs "
                   "under 16 GiB.", default="auto", options=tuple(CHECKPOINTING_CHOICES), optional=True),
     ),
     outputs=(OutputSpec("lora", IDENTITY_LORA, "Identity LoRA weights for DDIM Inversion."),),

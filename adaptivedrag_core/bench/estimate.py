@@ -23,8 +23,8 @@ Per-step figures are scaled to the edit's step counts (``lora_steps``, ``drag_st
 Attention runs as the fused (flash) kernel a CUDA GPU uses for SD1.5 in half precision: on ``meta``, PyTorch
 would pick the unfused path, which keeps every attention matrix (4096 x 4096 per head at 512 px).
 
-On CUDA the LoRA trains under fp16 autocast; here, as on the CPU, there is no autocast, so the LoRA branch of
-each projection runs in float32 (a little more memory than on the GPU).
+Nothing here depends on the device: the LoRA step runs without autocast on every device (see
+``train_identity_lora``), so on CUDA it keeps the same tensors as here.
 """
 
 from __future__ import annotations
