@@ -96,7 +96,7 @@ def add_checkpointing_argument(parser) -> None:
 
     parser.add_argument("--lora-gradient-checkpointing", choices=tuple(CHECKPOINTING_CHOICES), default="auto",
                         help="train the identity LoRA with gradient checkpointing: half the GPU memory, a third more "
-                             "computation (default auto: on for GPUs under 16 GiB)")
+                             "computation (default auto: on for GPUs under 11 GiB)")
 
 
 def checkpointing_choice(args):

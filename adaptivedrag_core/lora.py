@@ -4,7 +4,8 @@ edited so that inversion and sampling reproduce it faithfully.
 The LoRA layers are peft's. Its weights travel as a plain state dict with peft's key names,
 ``"<module path>.lora_A.weight"`` [rank, in] and ``"<module path>.lora_B.weight"`` [out, rank], applied with
 scale 1 (lora_alpha = rank). The UNet itself is never left modified: training and ``identity_lora`` put peft's
-layers in place of the attention projections and put the original modules back afterwards.
+layers in place of the attention projections and put the original modules back afterwards. While training, each
+layer's down projection is a :class:`Float32Down`, which keeps less for the backward pass than peft's own.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def lora_in_training(unet: torch.nn.Module, rank: int, seed: int, gradient_check
         for layer in layers.values():  # float32 LoRA weights even on a half-precision UNet
             layer.lora_A.float()
             layer.lora_B.float()
+            # peft would cast each projection's input to float32 and keep that copy for the backward pass;
+            # the down projection casts it itself and keeps the input as it came.
+            layer.lora_A[ADAPTER_NAME] = Float32Down(layer.lora_A[ADAPTER_NAME])
+            layer.cast_input_dtype_enabled = False
         parameters = [p for layer in layers.values() for p in _lora_parameters(layer)]
         for parameter in parameters:
             parameter.requires_grad_(True)
@@ -103,6 +108,42 @@ def lora_in_training(unet: torch.nn.Module, rank: int, seed: int, gradient_check
         if gradient_checkpointing and not was_checkpointing:
             unet.disable_gradient_checkpointing()
         _put_modules(unet, {path: layer.base_layer for path, layer in layers.items()})
+
+
+class _Float32Product(torch.autograd.Function):
+    """``F.linear(x.float(), weight)`` for a float32 ``weight``, keeping ``x`` itself for the backward pass.
+
+    Autograd would keep the float32 copy of ``x``: twice the bytes of an fp16 ``x``, once per projection, although
+    the query, key and value projections share one input. The arithmetic is the same: the backward pass casts
+    ``x`` again.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        return grad_x, grad_weight
+
+
+class Float32Down(torch.nn.Module):
+    """A LoRA down projection (peft's ``lora_A``, no bias) computed in its weights' float32 from an input of any
+    dtype, keeping only the input for the backward pass (:class:`_Float32Product`)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Float32Product.apply(x, self.weight)
 
 
 def _check_training_inputs(unet, latent, text_embeddings, steps, rank, batch_size) -> None:

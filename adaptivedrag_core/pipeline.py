@@ -117,16 +117,17 @@ def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_lat
                 regions=feature_regions, progress=progress, **options)
 
 
-#: GPUs with less memory than this train the identity LoRA with gradient checkpointing unless told otherwise:
-#: without it the LoRA step at 512 px is the edit's peak, about 6 GiB (docs/performance.md, "Memory").
-CHECKPOINTING_BELOW_BYTES = 16 * 2**30
+#: GPUs with less memory than this (cards of 10 GB and less) train the identity LoRA with gradient checkpointing
+#: unless told otherwise: without it the LoRA step at 512 px is the edit's peak, about 5.3 GiB, and ComfyUI keeps
+#: its own models beside it (docs/performance.md, "Memory and compute without a GPU").
+CHECKPOINTING_BELOW_BYTES = 11 * 2**30
 #: The user-facing choices (CLI, node) for ``lora_gradient_checkpointing``.
 CHECKPOINTING_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 def lora_checkpointing(setting: Optional[bool], device) -> bool:
     """Whether the identity LoRA trains with gradient checkpointing: ``setting``, or when it is None (auto), on
-    for CUDA devices with less than 16 GiB, where memory is what limits, and off elsewhere, where speed is."""
+    for CUDA devices with less than 11 GiB, where memory is what limits, and off elsewhere, where speed is."""
     if setting is not None:
         return setting
     device = torch.device(device)

@@ -19,7 +19,7 @@ def train_lora(model, latent: dict, positive: list, steps: int = 80, rank: int =
         latent: LATENT of the image (VAE Encode); its first latent is used.
         positive: CONDITIONING of the prompt (CLIP Text Encode).
         steps, rank, lr, batch_size, seed: training settings (DragDiffusion: 80, 16, 5e-4, 4).
-        gradient_checkpointing: "auto" (on for GPUs under 16 GiB), "on" or "off"; None (a workflow saved before
+        gradient_checkpointing: "auto" (on for GPUs under 11 GiB), "on" or "off"; None (a workflow saved before
             the input existed) is "auto".
 
     Returns:
@@ -52,8 +52,8 @@ SPEC = NodeSpec(
         InputSpec("seed", "INT", "Seed for the LoRA initialisation, timesteps and noise.", default=0, min=0,
                   max=2**32 - 1, seed_control=True),
         InputSpec("gradient_checkpointing", "COMBO", "Recompute activations in the backward pass: the same LoRA "
-                  "with about 3 GiB less GPU memory at 512 px, for a third more computation. auto: on for GPUs "
-                  "under 16 GiB.", default="auto", options=tuple(CHECKPOINTING_CHOICES), optional=True),
+                  "with about 2 GiB less GPU memory at 512 px, for a third more computation. auto: on for GPUs "
+                  "under 11 GiB.", default="auto", options=tuple(CHECKPOINTING_CHOICES), optional=True),
     ),
     outputs=(OutputSpec("lora", IDENTITY_LORA, "Identity LoRA weights for DDIM Inversion."),),
     run=train_lora,

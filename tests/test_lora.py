@@ -245,3 +245,64 @@ def test_gradient_checkpointing_recomputes_the_blocks_in_the_backward_pass(tiny,
     finally:
         handle.remove()
     assert (plain, len(calls)) == (1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_float32_down_projection_matches_peft_arithmetic_and_keeps_only_its_input(dtype):
+    """Same output and gradients as ``F.linear(x.float(), w)``; what it keeps for backward is x itself."""
+    from adaptivedrag_core.lora import Float32Down
+
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(24, 4, bias=False)
+    x = torch.randn(2, 10, 24, generator=generator).to(dtype).requires_grad_(True)
+    grad_out = torch.randn(2, 10, 4, generator=generator)
+    reference_x = x.detach().clone().requires_grad_(True)
+    expected = torch.nn.functional.linear(reference_x.float(), linear.weight)
+    expected.backward(grad_out)
+    expected_weight_grad = linear.weight.grad.clone()
+    linear.weight.grad = None
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = Float32Down(linear)(x)
+    out.backward(grad_out)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(linear.weight.grad, expected_weight_grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=0, atol=0)
+    assert [t.dtype for t in saved] == [dtype, torch.float32] and saved[0] is x
+
+
+def test_half_precision_training_keeps_less_than_float32_copies_for_the_same_weights(tiny, image, monkeypatch):
+    """On an fp16 UNet, training with the float32 down projections ends with the weights that peft's own casting
+    gives, and keeps less for the backward pass (counted by the estimate's live-byte counter)."""
+    from adaptivedrag_core import lora as lora_module
+    from adaptivedrag_core.bench.estimate import CostCounter
+
+    class PeftCast(torch.nn.Module):
+        """peft's arithmetic: a float32 copy of the input, which autograd keeps."""
+
+        def __init__(self, linear):
+            super().__init__()
+            self.weight = linear.weight
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x.float(), self.weight)
+
+    def train():
+        counter = CostCounter()
+        counter.track_module(tiny.unet)
+        with counter:
+            state = train_identity_lora(tiny.unet, *image, **{**TRAINING, "steps": 2})
+        return state, counter.peak
+
+    tiny.unet.half()
+    try:
+        state, peak = train()
+        monkeypatch.setattr(lora_module, "Float32Down", PeftCast)
+        peft_state, peft_peak = train()
+    finally:
+        tiny.unet.float()
+    assert peak < peft_peak
+    for key, value in peft_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-7)

@@ -102,7 +102,7 @@ def test_half_precision_unet_runs_every_stage(method):
 
 
 @pytest.mark.parametrize("setting, memory_gib, expected", [
-    (None, 8, True), (None, 80, False), (True, 80, True), (False, 8, False),
+    (None, 7.6, True), (None, 9.8, True), (None, 11.8, False), (None, 80, False), (True, 80, True), (False, 7.6, False),
 ])
 def test_lora_checkpointing_is_on_by_default_only_on_small_gpus(monkeypatch, setting, memory_gib, expected):
     from types import SimpleNamespace
