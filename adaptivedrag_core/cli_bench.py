@@ -80,6 +80,8 @@ def run_speed(args) -> int:
 
 
 def _add_estimate_parser(commands) -> None:
+    from .bench.speed import SAM2_SIZES
+
     p = commands.add_parser("estimate", help="estimate each stage's peak GPU memory and compute, without a GPU",
                             description="Runs the stages of one edit on PyTorch's meta device with full-size SD1.5 "
                             "in the GPU's dtypes, counting the bytes of every live tensor (an estimate of "
@@ -97,6 +99,8 @@ def _add_estimate_parser(commands) -> None:
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the full schedule (default 50)")
     p.add_argument("--strength", type=float, default=0.7, help="inversion strength (default 0.7: 35 of 50 steps)")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="UNet and text encoder dtype")
+    p.add_argument("--sam2-size", choices=SAM2_SIZES, default="large",
+                   help="SAM2 for the auto mask's stage (default large); none leaves the stage out")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(run=run_estimate)
 
@@ -107,7 +111,8 @@ def run_estimate(args) -> int:
     config = EstimateConfig(size=args.size, method=args.method, mask=args.mask,
                             lora_gradient_checkpointing=args.lora_gradient_checkpointing, lora_steps=args.lora_steps,
                             drag_steps=args.drag_steps, lora_batch_size=args.lora_batch_size,
-                            num_steps=args.ddim_steps, strength=args.strength, dtype=args.dtype)
+                            num_steps=args.ddim_steps, strength=args.strength, dtype=args.dtype,
+                            sam2_size=args.sam2_size)
     out = _report_path(args.out)
     _print_report(estimate_edit(config), out)
     return 0
@@ -176,7 +181,7 @@ def run_dragbench_command(args) -> int:
     if args.sam2:
         from .sam2_loader import load_sam2
 
-        encoder = load_sam2(args.sam2, args.sam2_size, device=args.device)
+        encoder = load_sam2(args.sam2, args.sam2_size)  # on the CPU; on the device only while it masks
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     report = run_dragbench(args.data_dir, args.out, components, settings, metrics, model_id=model_id,
                            device=args.device, limit=args.limit, mask_source=args.mask, region_encoder=encoder)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from adaptivedrag_core.automask import DEFAULT_N_SEGMENTS, VARIANTS, auto_mask, render_overlay
-from adaptivedrag_core.sam2_loader import SIZES, load_sam2
+from adaptivedrag_core.sam2_loader import SIZES, load_sam2, sam2_on
 
 from .bridge import comfy_image, comfy_mask, image_array, image_size
 from .runtime import model_files, model_path, node_progress, register_model_folder, release_memory, torch_device
@@ -34,7 +34,8 @@ def load_sam2_model(model_name: str, model_size: str = "auto") -> NodeResult:
     """
     register_model_folder(SAM2_FOLDER, SAM2_EXTENSIONS)
     path = model_path(SAM2_FOLDER, model_name)
-    encoder = load_sam2(path, None if model_size == "auto" else model_size, device=torch_device())
+    # On the CPU; the mask node puts it on the GPU only while it runs, leaving the memory to the edit.
+    encoder = load_sam2(path, None if model_size == "auto" else model_size)
     return NodeResult((encoder,))
 
 
@@ -55,8 +56,9 @@ def superpixel_mask(image: torch.Tensor, drag_points, sam2_model: Optional[objec
     """
     drag_points.check_image_size(*image_size(image))
     pixels = image_array(image)
-    result = auto_mask(pixels, drag_points, sam2_model, variant=variant, n_segments=n_segments,
-                       progress=node_progress())
+    with sam2_on(sam2_model, torch_device()):
+        result = auto_mask(pixels, drag_points, sam2_model, variant=variant, n_segments=n_segments,
+                           progress=node_progress())
     overlay = np.asarray(render_overlay(pixels, result, drag_points))
     release_memory()
     return NodeResult((comfy_mask(result.mask), result.regions, comfy_image(overlay)))

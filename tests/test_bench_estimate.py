@@ -12,7 +12,8 @@ from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.models import tiny_sd_components
 
 STAGES = ["prepare", "lora", "inversion", "reference", "drag_start", "drag", "sampling", "vae_decode"]
-SMALL = dict(size=64, num_steps=4, strength=0.5, lora_steps=10, drag_steps=20)  # 2 inversion and sampling steps
+# 2 inversion and sampling steps, no SAM2 stage
+SMALL = dict(size=64, num_steps=4, strength=0.5, lora_steps=10, drag_steps=20, sam2_size="none")
 
 
 def _estimate(device="cpu", **overrides):
@@ -130,12 +131,19 @@ def test_cli_estimate_prints_the_full_size_report(tmp_path, capsys):
     cli_bench.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "estimate.json"
     args = parser.parse_args(["bench", "estimate", "--size", "64", "--ddim-steps", "4", "--strength", "0.5",
-                              "--out", str(out)])
+                              "--sam2-size", "tiny", "--out", str(out)])
     assert args.run(args) == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report
     assert report["unet_parameters"] == 859_520_964
     # UNet and CLIP text encoder in fp16, the VAE in fp32 (and CLIP's int64 position ids).
     assert report["weights_bytes"] == 2 * (859_520_964 + 123_060_480) + 4 * 83_653_863 + 8 * 77
-    assert list(report["stages"]) == STAGES
+    assert list(report["stages"]) == ["sam2_features", *STAGES]
     assert report["settings"]["closs"] is True and report["settings"]["lora_gradient_checkpointing"] is False
+    # SAM2 tiny's weights are on the device for its stage only: the edit starts from SD1.5's weights alone.
+    sam2_peak = report["stages"]["sam2_features"]["peak_bytes"]
+    assert sam2_peak > report["weights_bytes"] + 38_000_000 * 4  # SAM2.1 tiny: about 39 M float32 parameters
+    assert report["stages"]["prepare"]["peak_bytes"] < report["weights_bytes"] + 100 * 2**20
+    assert report["stages"]["sam2_features"]["flop_per_step"] > 0
+    edit_flop = sum(stage["edit_tflop"] for name, stage in report["stages"].items() if name != "sam2_features")
+    assert report["first_edit_tflop"] == pytest.approx(edit_flop, abs=0.01)

@@ -143,6 +143,25 @@ def test_superpixel_mask_without_sam2_falls_back_and_returns_mask_superpixels_ov
     assert overlay.shape == (1, SIZE, SIZE, 3) and 0 <= overlay.min() and overlay.max() <= 1
 
 
+def test_superpixel_mask_puts_sam2_on_comfyuis_device_only_while_it_runs(graph_inputs, monkeypatch):
+    from contextlib import contextmanager
+
+    from adaptivedrag_core.sam2_loader import random_sam2
+
+    encoder = random_sam2("tiny")
+    placements = []
+
+    @contextmanager
+    def recording_sam2_on(model, device):
+        placements.append((model, device))
+        yield model
+
+    monkeypatch.setattr(sam2_mask, "sam2_on", recording_sam2_on)
+    monkeypatch.setattr(sam2_mask, "torch_device", lambda: torch.device("cpu"))
+    run(sam2_mask.MASK_SPEC, image=graph_inputs["image"], drag_points=graph_inputs["points"], sam2_model=encoder)
+    assert placements == [(encoder, torch.device("cpu"))]
+
+
 # --------------------------------------------------------------------------------- LoRA, inversion, drag, sample
 @pytest.mark.filterwarnings("ignore:auto mask without SAM2")
 def test_identity_lora_inversion_drag_and_sampling_chain_leaves_inputs_unchanged(tiny, graph_inputs):

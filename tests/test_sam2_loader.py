@@ -153,3 +153,32 @@ def test_cli_mask_with_a_sam2_checkpoint(checkpoints, tmp_path, capsys):
     regions = np.asarray(Image.open(regions_out))
     assert mask.shape == regions.shape == (40, 56)
     assert mask[12, 10] and mask[20, 30] and not mask.all()
+
+
+class _MovingModel(torch.nn.Linear):
+    """Records where it is asked to go (and goes: every move here is CPU to CPU)."""
+
+    def __init__(self):
+        super().__init__(1, 1)
+        self.moves = []
+
+    def to(self, device, *args, **kwargs):
+        self.moves.append(str(device))
+        return super().to("cpu")
+
+
+def test_sam2_on_moves_the_model_for_the_block_and_back_even_on_error():
+    from types import SimpleNamespace
+
+    from adaptivedrag_core.sam2_loader import sam2_on
+
+    encoder = SimpleNamespace(model=_MovingModel())
+    with sam2_on(encoder, "cuda") as inside:
+        assert inside is encoder and encoder.model.moves == ["cuda"]
+    assert encoder.model.moves == ["cuda", "cpu"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with sam2_on(encoder, "cuda"):
+            raise RuntimeError("boom")
+    assert encoder.model.moves[-1] == "cpu"
+    with sam2_on(None, "cuda") as nothing:
+        assert nothing is None

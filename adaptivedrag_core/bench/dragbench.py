@@ -295,13 +295,15 @@ def _edit_sample(sample: Sample, components, settings: EditSettings, config: Run
                  mask_source, region_encoder, image_path: Path) -> dict:
     """Edit one sample, save the image atomically, and return its record (without metrics)."""
     from ..automask import AutoMaskWarning, auto_mask
+    from ..sam2_loader import sam2_on
 
     start = time.perf_counter()
     mask, regions = sample.mask, None
     if mask_source == "auto" or settings.method == "adaptive":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AutoMaskWarning)  # the fallback is recorded in the summary instead
-            automatic = auto_mask(sample.image, sample.points, encoder=region_encoder)
+            with sam2_on(region_encoder, device):
+                automatic = auto_mask(sample.image, sample.points, encoder=region_encoder)
         regions = automatic.regions if settings.method == "adaptive" else None
         mask = automatic.mask if mask_source == "auto" else mask
     sample_settings = EditSettings(**{**asdict(settings), "prompt": sample.prompt})

@@ -324,18 +324,15 @@ def mask_stages(image, points, encoder, clock: MemoryClock, device):
     SAM2 sits on the device only for this stage, so the edit's peak memory is measured without it.
     """
     from ..automask import AutoMaskWarning, auto_mask
+    from ..sam2_loader import sam2_on
 
-    if encoder is not None:
-        encoder.model.to(device)
-    clock.start()
-    with warnings.catch_warnings():
+    with sam2_on(encoder, device), warnings.catch_warnings():
+        clock.start()
         warnings.simplefilter("ignore", AutoMaskWarning)
         result = auto_mask(image, points, encoder=encoder)
-    _, peak = clock.lap()
-    if encoder is not None:
-        encoder.model.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _, peak = clock.lap()
+    if encoder is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
     figures = {"sam2_features": _figures(result.timings["features"], peak),
                "slic": _figures(result.timings["slic"], peak)}
     return figures, result
