@@ -2,7 +2,7 @@
 
     python -m adaptivedrag_core bench speed [--device cpu|cuda] [--size 512] [--method adaptive]
         [--drag-steps 80] [--lora-steps 80] [--repeat 1] [--out FILE]
-    python -m adaptivedrag_core bench estimate [--size 512] [--method adaptive] [--lora-gradient-checkpointing]
+    python -m adaptivedrag_core bench estimate [--size 512] [--method adaptive] [--lora-gradient-checkpointing on]
         [--out FILE]
     python -m adaptivedrag_core bench dragbench DIR --model SD15 --method adaptive [--dift-model SD21_DIR]
         [--lpips-weights FILE] --out results/ [--limit N] [--device cuda]
@@ -91,8 +91,8 @@ def _add_estimate_parser(commands) -> None:
     p.add_argument("--method", default="adaptive", choices=METHODS)
     p.add_argument("--no-mask", dest="mask", action="store_false",
                    help="drag without a mask (the UNet stops after the feature block)")
-    p.add_argument("--lora-gradient-checkpointing", action="store_true",
-                   help="train the identity LoRA with gradient checkpointing")
+    p.add_argument("--lora-gradient-checkpointing", choices=("on", "off"), default="off",
+                   help="train the identity LoRA with gradient checkpointing (default off)")
     p.add_argument("--lora-steps", type=int, default=80, help="identity LoRA steps for the totals (default 80)")
     p.add_argument("--drag-steps", type=int, default=80, help="drag steps for the totals (default 80)")
     p.add_argument("--lora-batch-size", type=int, default=4, help="identity LoRA batch (default 4)")
@@ -109,7 +109,8 @@ def run_estimate(args) -> int:
     from .bench.estimate import EstimateConfig, estimate_edit
 
     config = EstimateConfig(size=args.size, method=args.method, mask=args.mask,
-                            lora_gradient_checkpointing=args.lora_gradient_checkpointing, lora_steps=args.lora_steps,
+                            lora_gradient_checkpointing=args.lora_gradient_checkpointing == "on",
+                            lora_steps=args.lora_steps,
                             drag_steps=args.drag_steps, lora_batch_size=args.lora_batch_size,
                             num_steps=args.ddim_steps, strength=args.strength, dtype=args.dtype,
                             sam2_size=args.sam2_size)

@@ -2,12 +2,13 @@
 
 The edit's stages run on PyTorch's ``meta`` device, which computes shapes and dtypes but no values, with the
 models in the dtypes :class:`~adaptivedrag_core.pipeline.DragPipeline` uses on CUDA (full-size SD1.5 built from
-the bundled configs: UNet and text encoder fp16, VAE fp32). Two dispatch modes watch every operator:
+the bundled configs: UNet and text encoder fp16, VAE fp32). One dispatch mode (:class:`CostCounter`) watches
+every operator and counts:
 
-- a live-byte count of every tensor storage, so each stage's peak is what ``torch.cuda.max_memory_allocated``
+- the bytes of every live tensor storage, so each stage's peak is what ``torch.cuda.max_memory_allocated``
   would report for it, weights and what earlier stages keep alive included, less what a GPU adds on its own
   (the allocator's rounding, cuBLAS/cuDNN workspaces: tens of MiB);
-- PyTorch's FLOP counter (matrix products, convolutions, attention; 2 FLOPs per multiply-add), per step.
+- FLOPs, with PyTorch's formulas (matrix products, convolutions, attention; 2 FLOPs per multiply-add), per step.
 
 The stages are the pipeline's own functions (``train_identity_lora``'s loop, ``ddim_invert``,
 ``record_reference``, ``sample_dragged`` with CLoss, the VAE), with two exceptions:
@@ -51,7 +52,7 @@ from torch.utils.flop_counter import (
     sdpa_flop,
 )
 
-from ..drag.common import LatentAdam
+from ..drag.common import LatentAdam, split_features
 from ..errors import InputError
 from ..features import make_feature_fn
 from ..inversion import ddim_invert, make_schedule, unet_noise_fn
@@ -350,16 +351,14 @@ def _one_drag_step(unet, text_embeddings, schedule, inverted, config: EstimateCo
     feature_size = feature_grid_size(config.size, config.size, settings.feature_scale)
     feature_fn = make_feature_fn(unet, text_embeddings, schedule, feature_size, settings.feature_block,
                                  with_prediction=config.mask)
-    with torch.no_grad():
-        start = feature_fn(inverted)  # drag() keeps the starting features (and x_{t-1}) for the whole drag
-    start_features, start_prediction = start if config.mask else (start, None)
+    with torch.no_grad():  # drag() keeps the starting features (and x_{t-1}) for the whole drag
+        start_features, start_prediction = split_features(feature_fn(inverted), inverted)
     meter.lap("drag_start")
     optimizer = LatentAdam(inverted, lr=0.01)
     with torch.enable_grad():
-        result = feature_fn(optimizer.latent)
-        features, prediction = result if config.mask else (result, None)
+        features, prediction = split_features(feature_fn(optimizer.latent), optimizer.latent)
         loss = (features - start_features).abs().mean()
-        if prediction is not None:
+        if config.mask:
             loss = loss + (prediction - start_prediction).abs().sum()
         optimizer.step(loss)
     meter.lap("drag", 1, config.drag_steps)
