@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -134,7 +133,10 @@ def run_edit(args) -> int:
     points = DragPoints.from_pairs(args.drag, image.width, image.height)
     mask = regions = None
     if args.mask == "auto":
-        mask, regions = _auto_mask(image, points, args.sam2, args.sam2_size, args.device)
+        from .cli_mask import cli_auto_mask
+
+        automatic = cli_auto_mask(image.convert("RGB"), points, args.sam2, args.sam2_size, args.device)
+        mask, regions = automatic.mask, automatic.regions
     elif args.mask:
         mask = load_mask(args.mask, image.width, image.height)
     settings = _settings(args)
@@ -223,19 +225,3 @@ def _pipeline(args):
         path = Path(args.model)
         model_id = f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
     return DragPipeline(components, device=args.device, model_id=model_id, cache_dir=args.cache_dir)
-
-
-def _auto_mask(image, points, sam2_path, sam2_size, device):
-    from .automask import AutoMaskWarning, auto_mask
-
-    encoder = None
-    if sam2_path:
-        from .sam2_loader import load_sam2
-
-        encoder = load_sam2(sam2_path, sam2_size, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutoMaskWarning)  # printed below, once, as plain lines
-        result = auto_mask(image.convert("RGB"), points, encoder=encoder)
-    for message in result.warnings:
-        print(f"warning: {message}", file=sys.stderr)
-    return result.mask, result.regions

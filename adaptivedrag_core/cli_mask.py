@@ -75,18 +75,12 @@ def run_mask(args: argparse.Namespace) -> int:
             raise InputError("--variant sam_masks needs --sam2 (SAM2's automatic masks)")
         image = load_image(args.image).convert("RGB")
         points = DragPoints.from_pairs(args.drag, image.width, image.height)
-        encoder = load_sam2(args.sam2, args.sam2_size, device=args.device or _default_device()) if args.sam2 else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AutoMaskWarning)  # printed below, once, as plain lines
-            result = auto_mask(
-                image, points, encoder, variant=args.variant, n_segments=args.n_segments,
-                compactness=args.compactness, grid_size=args.grid_size, progress=TqdmProgress("auto mask"),
-            )
+        result = cli_auto_mask(image, points, args.sam2, args.sam2_size, args.device or _default_device(),
+                               variant=args.variant, n_segments=args.n_segments, compactness=args.compactness,
+                               grid_size=args.grid_size, progress=TqdmProgress("auto mask"))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for message in result.warnings:
-        print(f"warning: {message}", file=sys.stderr)
     save_image(Image.fromarray(result.mask.astype("uint8") * 255, "L"), outputs["out"], args.force)
     if "regions_out" in outputs:
         save_image(regions_image(result.regions), outputs["regions_out"], args.force)
@@ -97,6 +91,18 @@ def run_mask(args: argparse.Namespace) -> int:
         f"(features {result.timings['features']:.2f} s, SLIC {result.timings['slic']:.2f} s) -> {outputs['out']}"
     )
     return 0
+
+
+def cli_auto_mask(image, points: DragPoints, sam2_path, sam2_size, device, **options):
+    """``auto_mask`` with SAM2 loaded from ``sam2_path`` (if given) onto ``device``; its warnings are printed once,
+    as plain lines, instead of as Python warnings. ``options`` go to ``auto_mask``."""
+    encoder = load_sam2(sam2_path, sam2_size, device=device) if sam2_path else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AutoMaskWarning)
+        result = auto_mask(image, points, encoder, **options)
+    for message in result.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    return result
 
 
 def output_paths(args: argparse.Namespace) -> dict[str, Path]:
