@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules():
-    from . import cli_bench, cli_mask
+    from . import cli_bench, cli_mask, cli_train
 
-    return [cli_mask, cli_bench]
+    return [cli_mask, cli_bench, cli_train]
 
 
 def add_edit_parser(subparsers) -> None:
@@ -186,11 +186,12 @@ def _settings(args):
         settings.work_size = args.work_size
     if drag_steps is not None:
         settings.drag_options.update(step_budget(args.method, drag_steps))
-    settings.drag_options.update(_parse_options(args.drag_option))
+    settings.drag_options.update(parse_drag_options(args.drag_option))
     return settings
 
 
-def _parse_options(pairs) -> dict:
+def parse_drag_options(pairs) -> dict:
+    """``NAME=VALUE`` strings as a dict of optimiser options (numbers and true/false converted)."""
     options = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")

@@ -42,6 +42,7 @@ class SDComponents:
         tokenizer: CLIP tokenizer, or None (an empty prompt still works without one).
         latent_scale: multiply VAE latents by this (0.18215 for SD1.x).
         scheduler_config: DDIMScheduler settings.
+        native_size: the image side the model was trained at (512 for SD1.5); the edit's default working size.
     """
 
     unet: torch.nn.Module
@@ -50,6 +51,7 @@ class SDComponents:
     tokenizer: Optional[object]
     latent_scale: float = SD15_LATENT_SCALE
     scheduler_config: Optional[dict] = None
+    native_size: int = 512
 
     def __post_init__(self):
         if self.scheduler_config is None:

@@ -369,6 +369,10 @@ class DragPipeline:
         return EditResult(edited, points, final, int(result.steps), timings, reused, inversion.lora)
 
     # ---------------------------------------------------------------- helpers
+    def clear_cache(self) -> None:
+        """Forget the LoRA weights, inversions and reference recordings kept in memory (the disk cache stays)."""
+        self._memory.clear()
+
     def _cached(self, stage: str, key: str):
         value = self._memory.get((stage, key))
         if value is not None:

@@ -1,0 +1,339 @@
+"""Training the scene model (:mod:`scene_model`) from procedural scenes, resumable, with fixed seeds.
+
+``python -m adaptivedrag_core train-scenes --out DIR`` runs four stages, each with a progress bar, and keeps its
+state in ``DIR`` so that an interrupted run carries on where it stopped:
+
+1. **scenes**: render the training scenes and their captions once (``scenes.npy``, ``captions.json``);
+2. **VAE**: train the autoencoder on random crops, decoding the posterior mean (reconstruction MSE + 0.1 L1 + a
+   tiny KL term); small batches, since on a CPU more steps of 4 crops beat fewer of 16 for the same time;
+   checkpoint ``vae.pt``;
+3. **latents**: encode every scene once (the posterior mean, as the edit does) and set the latent scale so the
+   latents have unit variance, as 0.18215 does for SD1.5; ``latents.pt``;
+4. **UNet**: epsilon prediction on SD1.5's noise schedule, with min-SNR-5 loss weights, captions dropped half of
+   the time (so the empty prompt, the edit's default, is a strong condition), and an exponential moving average
+   of the weights, which is what is exported; checkpoint ``unet.pt``.
+
+The model is then written to ``DIR/model`` as a diffusers folder (the layout of ``adaptivedrag_core/scene_model``).
+Every random draw of a step comes from a generator seeded by (seed, stage, step), so a resumed run computes the
+same steps as an uninterrupted one. Checkpoints are written to a temporary file and renamed, so a run killed
+while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .models import SD15_SCHEDULER_CONFIG, SDComponents
+from .progress import TqdmProgress
+from .scene_model import SceneModelSpec, build_scene_components, save_scene_model, spec_info
+from .scenes import random_scene
+
+CHECKPOINT_FILES = {"vae": "vae.pt", "unet": "unet.pt"}
+_STAGE_SEEDS = {"vae": 1, "unet": 2}
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything that decides the trained weights. The defaults made the shipped model.
+
+    Args:
+        spec: the architecture.
+        seed: seeds the scenes, the initial weights and every step.
+        scenes: training scenes rendered (the held-out scenes of the benchmarks use other seeds).
+        vae_steps, vae_batch, vae_crop, vae_lr: VAE training (crops of ``vae_crop`` pixels).
+        unet_steps, unet_batch, unet_lr: UNet training.
+        caption_dropout: probability of training on the empty prompt instead of the scene's caption.
+        ema_decay: the moving average of the UNet's weights that is exported.
+        min_snr_gamma: min-SNR loss weighting (Hang et al. 2023), which speeds up convergence.
+        warmup_steps: linear learning-rate warm-up of both stages; then a cosine decay to 10%.
+        checkpoint_every: steps between checkpoints.
+    """
+
+    spec: SceneModelSpec = field(default_factory=SceneModelSpec)
+    seed: int = 0
+    scenes: int = 16000
+    vae_steps: int = 8000
+    vae_batch: int = 4
+    vae_crop: int = 64
+    vae_lr: float = 1e-3
+    unet_steps: int = 3500
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    caption_dropout: float = 0.5
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    warmup_steps: int = 100
+    checkpoint_every: int = 100
+
+    def info(self) -> dict:
+        plan = asdict(self)
+        plan["spec"] = spec_info(self.spec)
+        return plan
+
+
+ProgressFactory = Callable[[str], Callable[[int, int], None]]
+
+
+def train_scene_model(out_dir, plan: TrainingPlan = TrainingPlan(), device="cpu",
+                      progress_factory: ProgressFactory = TqdmProgress,
+                      log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) every stage and export the model; returns the model folder ``out_dir/model``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_plan(out_dir, plan)
+    device = torch.device(device)
+    components = build_scene_components(plan.spec, seed=plan.seed)
+    images, captions = scene_dataset(out_dir, plan, progress_factory("scenes"))
+    vae_seconds = train_vae(components.vae, images, out_dir, plan, device, progress_factory("VAE"), log)
+    latents, scale = encode_dataset(components.vae, images, out_dir, device, progress_factory("latents"))
+    components.latent_scale = scale
+    token_ids = _tokenize(components.tokenizer, captions, plan.spec.text_length)
+    unet_seconds = train_unet(components, latents * scale, token_ids, out_dir, plan, device,
+                              progress_factory("UNet"), log)
+    folder = out_dir / "model"
+    components.to(device="cpu")
+    info = {"native_size": plan.spec.native_size, "latent_scale": scale, "training": plan.info(),
+            "training_seconds": {"vae": round(vae_seconds, 1), "unet": round(unet_seconds, 1)},
+            "trained_on": str(device)}
+    save_scene_model(components, folder, info)
+    log(f"scene model written to {folder} ({weights_digest(folder)[:16]})")
+    return folder
+
+
+def _check_plan(out_dir: Path, plan: TrainingPlan) -> None:
+    """Refuse to resume from a folder made with another plan (its checkpoints would not fit this one)."""
+    plan_file = out_dir / "plan.json"
+    text = json.dumps(plan.info(), sort_keys=True)
+    if plan_file.is_file() and plan_file.read_text(encoding="utf-8") != text:
+        from .errors import InputError
+
+        raise InputError(f"{out_dir} holds a training run with other settings ({plan_file}); use another --out")
+    plan_file.write_text(text, encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ scenes
+def scene_dataset(out_dir: Path, plan: TrainingPlan, progress=None) -> tuple[np.ndarray, list[str]]:
+    """The training scenes [N, S, S, 3] uint8 and their captions, rendered once and kept in ``out_dir``."""
+    images_file, captions_file = out_dir / "scenes.npy", out_dir / "captions.json"
+    if images_file.is_file() and captions_file.is_file():
+        return np.load(images_file), json.loads(captions_file.read_text(encoding="utf-8"))
+    rng = np.random.default_rng(plan.seed)
+    size = plan.spec.native_size
+    images = np.empty((plan.scenes, size, size, 3), np.uint8)
+    captions = []
+    for i in range(plan.scenes):
+        scene = random_scene(rng, size)
+        images[i] = scene.render().image
+        captions.append(scene.caption())
+        if progress is not None and ((i + 1) % 200 == 0 or i + 1 == plan.scenes):
+            progress(i + 1, plan.scenes)
+    _atomic(images_file, lambda path: np.save(path, images))
+    _atomic(captions_file, lambda path: Path(path).write_text(json.dumps(captions), encoding="utf-8"))
+    return images, captions
+
+
+def _to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------------- VAE
+def train_vae(vae, images: np.ndarray, out_dir: Path, plan: TrainingPlan, device, progress=None,
+              log: Callable[[str], None] = print) -> float:
+    """Train (or resume, or skip when done) the VAE in place; returns the seconds spent in total."""
+    checkpoint_file = out_dir / CHECKPOINT_FILES["vae"]
+    vae.to(device).train().requires_grad_(True)
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
+    step, seconds = _resume(checkpoint_file, {"model": vae, "optimiser": optimiser})
+    if step:
+        log(f"VAE: resuming at step {step} of {plan.vae_steps}")
+    size, crop = plan.spec.native_size, plan.vae_crop
+    started = time.perf_counter() - seconds
+    while step < plan.vae_steps:
+        generator = _step_generator(plan.seed, "vae", step)
+        index = torch.randint(0, len(images), (plan.vae_batch,), generator=generator).numpy()
+        # Crops start on the 8-pixel latent grid, so the encoder sees cells as it will on whole images.
+        left, top = (torch.randint(0, (size - crop) // 8 + 1, (2,), generator=generator) * 8).tolist()
+        batch = _to_pixels(images[np.sort(index), top:top + crop, left:left + crop])
+        flip = torch.rand(plan.vae_batch, generator=generator) < 0.5
+        batch[flip] = batch[flip].flip(-1)
+        batch = batch.to(device)
+        _set_lr(optimiser, plan.vae_lr, step, plan.vae_steps, plan.warmup_steps)
+        posterior = vae.encode(batch).latent_dist
+        # Decoded from the mean, as the edit encodes: sampling the posterior (log-variance 0 at the start) would
+        # bury the code in noise for most of a short training.
+        reconstruction = vae.decode(posterior.mean).sample
+        error = reconstruction - batch
+        loss = error.pow(2).mean() + 0.1 * error.abs().mean() + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        step += 1
+        if step % plan.checkpoint_every == 0 or step == plan.vae_steps:
+            _save(checkpoint_file, {"model": vae, "optimiser": optimiser}, step, time.perf_counter() - started)
+        if progress is not None:
+            progress(step, plan.vae_steps)
+    vae.eval().requires_grad_(False)
+    return _saved_seconds(checkpoint_file)
+
+
+def encode_dataset(vae, images: np.ndarray, out_dir: Path, device, progress=None,
+                   batch: int = 64) -> tuple[torch.Tensor, float]:
+    """Posterior means of every scene [N, 4, s, s] (unscaled) and the scale that makes them unit-variance."""
+    latents_file = out_dir / "latents.pt"
+    if latents_file.is_file():
+        saved = torch.load(latents_file, map_location="cpu", weights_only=True)
+        return saved["latents"], float(saved["scale"])
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            pixels = _to_pixels(images[start:start + batch]).to(device)
+            chunks.append(vae.encode(pixels).latent_dist.mean.cpu())
+            if progress is not None:
+                progress(min(start + batch, len(images)), len(images))
+    latents = torch.cat(chunks)
+    scale = float(1.0 / latents.std())
+    _atomic(latents_file, lambda path: torch.save({"latents": latents, "scale": scale}, path))
+    return latents, scale
+
+
+# -------------------------------------------------------------------------------------------------- UNet
+def train_unet(components: SDComponents, latents: torch.Tensor, token_ids: torch.Tensor, out_dir: Path,
+               plan: TrainingPlan, device, progress=None, log: Callable[[str], None] = print) -> float:
+    """Train (or resume, or skip when done) the UNet; leaves the moving average of its weights in it."""
+    unet, text_encoder = components.unet, components.text_encoder
+    checkpoint_file = out_dir / CHECKPOINT_FILES["unet"]
+    unet.to(device).train().requires_grad_(True)
+    text_encoder.to(device)
+    ema = {name: value.detach().clone() for name, value in unet.state_dict().items()}
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=0.01)
+    step, seconds = _resume(checkpoint_file, {"model": unet, "optimiser": optimiser}, ema)
+    if step:
+        log(f"UNet: resuming at step {step} of {plan.unet_steps}")
+    alphas_cumprod = noise_schedule().to(device)
+    empty_ids = token_ids[:1].clone()
+    empty_ids[:] = _empty_prompt_ids(components.tokenizer, plan.spec.text_length)
+    started = time.perf_counter() - seconds
+    while step < plan.unet_steps:
+        generator = _step_generator(plan.seed, "unet", step)
+        index = torch.randint(0, len(latents), (plan.unet_batch,), generator=generator)
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, len(alphas_cumprod), (plan.unet_batch,), generator=generator)
+        dropped = torch.rand(plan.unet_batch, generator=generator) < plan.caption_dropout
+        ids = torch.where(dropped[:, None], empty_ids, token_ids[index])
+        clean, noise, timesteps, ids = clean.to(device), noise.to(device), timesteps.to(device), ids.to(device)
+        with torch.no_grad():
+            context = text_encoder(ids)[0]
+        alpha = alphas_cumprod[timesteps][:, None, None, None]
+        noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+        _set_lr(optimiser, plan.unet_lr, step, plan.unet_steps, plan.warmup_steps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+        snr = alpha.flatten() / (1 - alpha.flatten())
+        weights = torch.clamp(snr, max=plan.min_snr_gamma) / snr
+        loss = (weights * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        step += 1
+        _update_ema(ema, unet, min(plan.ema_decay, (1 + step) / (10 + step)))
+        if step % plan.checkpoint_every == 0 or step == plan.unet_steps:
+            _save(checkpoint_file, {"model": unet, "optimiser": optimiser}, step, time.perf_counter() - started, ema)
+        if progress is not None:
+            progress(step, plan.unet_steps)
+    unet.load_state_dict(ema)
+    unet.eval().requires_grad_(False)
+    return _saved_seconds(checkpoint_file)
+
+
+def noise_schedule() -> torch.Tensor:
+    """SD1.5's cumulative alphas (scaled-linear betas 0.00085..0.012 over 1000 steps), the edit's schedule."""
+    config = SD15_SCHEDULER_CONFIG
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def _tokenize(tokenizer, captions: list[str], length: int) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def _empty_prompt_ids(tokenizer, length: int) -> torch.Tensor:
+    return _tokenize(tokenizer, [""], length)[0]
+
+
+def _update_ema(ema: dict, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
+            else:
+                ema[name].copy_(value)
+
+
+# ------------------------------------------------------------------------------------------------ shared
+def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + _STAGE_SEEDS[stage]) * 10_000_019 + step)
+
+
+def _set_lr(optimiser, peak: float, step: int, total: int, warmup: int) -> None:
+    if step < warmup:
+        lr = peak * (step + 1) / warmup
+    else:
+        progress = (step - warmup) / max(1, total - warmup)
+        lr = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+
+
+def _save(path: Path, states: dict, step: int, seconds: float, ema: Optional[dict] = None) -> None:
+    payload = {name: obj.state_dict() for name, obj in states.items()}
+    payload.update(step=step, seconds=seconds)
+    if ema is not None:
+        payload["ema"] = ema
+    _atomic(path, lambda temporary: torch.save(payload, temporary))
+
+
+def _resume(path: Path, states: dict, ema: Optional[dict] = None) -> tuple[int, float]:
+    """Load a checkpoint into ``states`` (and ``ema``); (step, seconds spent) or (0, 0) when there is none."""
+    if not path.is_file():
+        return 0, 0.0
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    for name, obj in states.items():
+        obj.load_state_dict(saved[name])
+    if ema is not None:
+        for name, value in saved["ema"].items():
+            ema[name].copy_(value)
+    return int(saved["step"]), float(saved["seconds"])
+
+
+def _saved_seconds(path: Path) -> float:
+    return float(torch.load(path, map_location="cpu", weights_only=True)["seconds"]) if path.is_file() else 0.0
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    suffix = path.suffix
+    if suffix == ".npy":  # np.save appends .npy to a name without it
+        temporary = path.with_name(path.stem + ".partial.npy")
+    write(str(temporary))
+    os.replace(temporary, path)
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the model's weight files, in a fixed order: the same digest means the same weights."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        digest.update(file.relative_to(folder).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,78 @@
+"""Training the scene model: fixed seeds, exact resume, export that loads offline like any model."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from adaptivedrag_core.errors import InputError
+from adaptivedrag_core.scene_model import SceneModelSpec, load_scene_model
+from adaptivedrag_core.scene_training import TrainingPlan, train_scene_model, weights_digest
+
+TINY_PLAN = TrainingPlan(
+    spec=SceneModelSpec(native_size=64, unet_channels=(8, 8, 16, 16), unet_heads=2, vae_channels=(8, 8, 16, 16),
+                        text_width=16, text_length=16, norm_groups=4),
+    scenes=6, vae_steps=3, vae_batch=2, vae_crop=32, unet_steps=4, unet_batch=3, warmup_steps=2, checkpoint_every=2,
+)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(stage: str, step_to_stop: int):
+    def factory(name):
+        def progress(step, total):
+            if name == stage and step == step_to_stop:
+                raise _Interrupted
+
+        return progress
+
+    return factory
+
+
+def _silent(name):
+    return None
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("straight")
+    return train_scene_model(folder, TINY_PLAN, progress_factory=_silent, log=lambda line: None)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(trained, tmp_path):
+    with pytest.raises(_Interrupted):
+        train_scene_model(tmp_path, TINY_PLAN, progress_factory=_interrupt_at("UNet", 3), log=lambda line: None)
+    assert (tmp_path / "unet.pt").is_file() and not (tmp_path / "model").exists()
+    resumed = train_scene_model(tmp_path, TINY_PLAN, progress_factory=_silent, log=lambda line: None)
+    assert weights_digest(resumed) == weights_digest(trained)
+
+
+def test_training_moves_the_weights_and_seeds_decide_them(trained, tmp_path):
+    other = train_scene_model(tmp_path, replace(TINY_PLAN, seed=1), progress_factory=_silent, log=lambda line: None)
+    assert weights_digest(other) != weights_digest(trained)
+
+
+def test_a_folder_of_another_plan_is_refused(trained):
+    with pytest.raises(InputError, match="other settings"):
+        train_scene_model(trained.parent, replace(TINY_PLAN, unet_steps=5), progress_factory=_silent)
+
+
+def test_the_export_loads_offline_with_its_native_size_and_latent_scale(trained):
+    components = load_scene_model(trained)
+    assert components.native_size == 64
+    assert components.latent_scale == pytest.approx(components.vae.config.scaling_factor)
+    assert components.latent_scale != 1.0  # set from the training latents' spread
+    ids = components.tokenizer("a red ball", padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert components.text_encoder(ids)[0].shape == (1, 16, 16)
+    unet = components.unet
+    self_attention = [name for name, _ in unet.named_modules() if name.endswith("attn1")]
+    assert len(self_attention) == 16  # SD1.5's layout: 6 down, 1 middle, 9 up
+    latent = torch.zeros(1, 4, 8, 8)
+    assert unet(latent, 10, encoder_hidden_states=torch.zeros(1, 16, 16)).sample.shape == latent.shape
+
+
+def test_a_missing_scene_model_names_the_command(tmp_path):
+    with pytest.raises(InputError, match="train-scenes"):
+        load_scene_model(tmp_path)
