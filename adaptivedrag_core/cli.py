@@ -57,8 +57,11 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--model", help="SD1.5 checkpoint: a diffusers folder or a single .safetensors file")
     p.add_argument("--tokenizer", help="folder with CLIP vocab.json and merges.txt (single-file models + a prompt)")
     p.add_argument("--out", help="output image path; a preview <out>_preview.png is written beside it")
-    p.add_argument("--mask", help="mask image (white = may change), or 'auto' for the superpixel auto-mask")
-    p.add_argument("--sam2", help="SAM2 checkpoint for --mask auto (else a weight-free fallback feature space)")
+    p.add_argument("--mask", help="mask image (white = may change), 'auto' for the superpixel auto mask, or 'none'; "
+                                  "default: auto for adaptive (mask-free, as in the paper), none otherwise. With a "
+                                  "mask image, adaptive still takes its superpixel regions from the auto mask")
+    p.add_argument("--sam2", help="SAM2 checkpoint for the auto mask (else a weight-free Lab-colour fallback, "
+                                  "with a warning)")
     p.add_argument("--sam2-size", help="SAM2 model size (tiny, small, base_plus, large; sam2.1_ prefix for 2.1), "
                                        "if the file name does not tell")
     p.add_argument("--prompt", default="", help="text prompt (default empty)")
@@ -114,7 +117,7 @@ def demo_image_path() -> Path:
 
 
 def run_edit(args) -> int:
-    from .images import load_image, load_mask
+    from .images import load_image
     from .points import DragPoints
 
     if args.demo:
@@ -131,14 +134,7 @@ def run_edit(args) -> int:
     check_outputs({"--out": out, "preview": preview_path(out)}, args.force)
     image = load_image(args.image)
     points = DragPoints.from_pairs(args.drag, image.width, image.height)
-    mask = regions = None
-    if args.mask == "auto":
-        from .cli_mask import cli_auto_mask
-
-        automatic = cli_auto_mask(image.convert("RGB"), points, args.sam2, args.sam2_size, args.device)
-        mask, regions = automatic.mask, automatic.regions
-    elif args.mask:
-        mask = load_mask(args.mask, image.width, image.height)
+    mask, regions = _mask_and_regions(args, image, points)
     settings = _settings(args)
     lora_file = Path(args.lora) if args.lora else None
     given_lora = None
@@ -168,10 +164,27 @@ def run_edit(args) -> int:
     return 0
 
 
+def _mask_and_regions(args, image, points):
+    """The mask and superpixel regions for the edit, from ``--mask`` (see its help): (mask, regions), each None
+    or an array at image size. The auto mask is made here, not in the pipeline, to load SAM2 and print its
+    warnings once."""
+    from .images import load_mask
+
+    choice = args.mask or ("auto" if args.method == "adaptive" else "none")
+    mask = None if choice in ("auto", "none") else load_mask(choice, image.width, image.height)
+    if choice == "auto" or (mask is not None and args.method == "adaptive"):
+        from .cli_mask import cli_auto_mask
+
+        automatic = cli_auto_mask(image.convert("RGB"), points, args.sam2, args.sam2_size, args.device)
+        return (automatic.mask if mask is None else mask), automatic.regions
+    return mask, None
+
+
 def _settings(args):
     from .pipeline import EditSettings, step_budget
 
-    settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, closs=args.closs,
+    # auto_mask off: _mask_and_regions has decided, and "--mask none" must stay mask-free.
+    settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, auto_mask=False, closs=args.closs,
                             closs_kind=args.closs_kind, closs_weight=args.closs_weight,
                             num_steps=args.ddim_steps, strength=args.strength, guidance_scale=args.guidance_scale,
                             lora_gradient_checkpointing=checkpointing_choice(args))

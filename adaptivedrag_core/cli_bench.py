@@ -162,9 +162,11 @@ def _add_dragbench_parser(commands) -> None:
     p.add_argument("--lora-steps", type=int, default=None, help="identity LoRA steps (default 80)")
     p.add_argument("--work-size", type=int, default=None, help="longer side of the working copy (default 512)")
     p.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the full schedule (default 50)")
-    p.add_argument("--mask", choices=MASK_SOURCES, default="dragbench",
-                   help="dragbench: the samples' masks (default); auto: the AdaptiveDrag auto mask")
-    p.add_argument("--sam2", help="SAM2 checkpoint for the superpixels (adaptive, --mask auto); else Lab colour")
+    p.add_argument("--mask", choices=MASK_SOURCES, default=None,
+                   help="dragbench: the samples' hand-drawn masks; auto: the AdaptiveDrag auto mask; none: no mask "
+                        "(and no superpixel regions); default: auto for adaptive (mask-free, as in the paper), "
+                        "dragbench otherwise")
+    p.add_argument("--sam2", help="SAM2 checkpoint for the superpixels (adaptive, the auto mask); else Lab colour")
     p.add_argument("--sam2-size", help="SAM2 model size, if the file name does not tell")
     add_checkpointing_argument(p)
     p.add_argument("--seed", type=int, default=0)

@@ -105,7 +105,7 @@ def test_lora_file_is_saved_then_reused(tmp_path, capsys, monkeypatch):
     assert main(["edit", "--demo", "--out", str(tmp_path / "b.png"), "--lora", str(lora_file), *fast]) == 0
 
 
-def test_auto_mask_without_sam2_warns_and_feeds_mask_and_regions_to_the_optimiser(tmp_path, capsys, monkeypatch):
+def _spy_on_the_drag(monkeypatch) -> dict:
     from adaptivedrag_core import pipeline as pipeline_module
 
     seen = {}
@@ -116,8 +116,15 @@ def test_auto_mask_without_sam2_warns_and_feeds_mask_and_regions_to_the_optimise
         return original(self, inversion, handles, targets, feature_size, settings, mask, regions, progress)
 
     monkeypatch.setattr(pipeline_module.DragPipeline, "drag", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mask_option", [[], ["--mask", "auto"]], ids=["adaptive default", "--mask auto"])
+def test_auto_mask_without_sam2_warns_and_feeds_mask_and_regions_to_the_optimiser(tmp_path, capsys, monkeypatch,
+                                                                                  mask_option):
+    seen = _spy_on_the_drag(monkeypatch)
     fast = ["--lora-steps", "1", "--drag-steps", "2", "--work-size", "64", "--ddim-steps", "6", "--no-closs"]
-    code, out = _run(capsys, "edit", "--demo", "--mask", "auto", "--out", tmp_path / "o.png", *fast)
+    code, out = _run(capsys, "edit", "--demo", *mask_option, "--out", tmp_path / "o.png", *fast)
     assert code == 0, out.err
     assert "warning:" in out.err and "colour" in out.err.lower()
     # Both arrive at image resolution, aligned: every masked pixel belongs to a superpixel the mask took whole.
@@ -126,3 +133,13 @@ def test_auto_mask_without_sam2_warns_and_feeds_mask_and_regions_to_the_optimise
     assert 0 < mask.mean() < 0.5
     inside = set(regions[mask].tolist())
     assert all(mask[regions == label].all() for label in inside)
+
+
+@pytest.mark.parametrize("method", ["adaptive", "dragdiffusion"])
+def test_mask_none_and_the_other_methods_default_run_without_mask_or_regions(tmp_path, capsys, monkeypatch, method):
+    seen = _spy_on_the_drag(monkeypatch)
+    fast = ["--lora-steps", "1", "--drag-steps", "2", "--work-size", "64", "--ddim-steps", "6", "--no-closs"]
+    mask_option = ["--mask", "none"] if method == "adaptive" else []
+    code, out = _run(capsys, "edit", "--demo", "--method", method, *mask_option, "--out", tmp_path / "o.png", *fast)
+    assert code == 0, out.err
+    assert seen["mask"] is None and seen["regions"] is None and "warning:" not in out.err

@@ -104,7 +104,9 @@ class SceneBenchConfig:
         return chosen
 
     def settings(self, variant: Variant, native_size: int) -> EditSettings:
-        settings = EditSettings(method=variant.method, closs=variant.closs, work_size=native_size, seed=0)
+        # auto_mask off: every variant brings its own mask ("none" must stay mask-free).
+        settings = EditSettings(method=variant.method, closs=variant.closs, work_size=native_size, seed=0,
+                                auto_mask=False)
         if self.lora_steps is not None:
             settings.lora_steps = self.lora_steps
         if self.num_steps is not None:
