@@ -66,7 +66,7 @@ class TrainingPlan:
     vae_batch: int = 4
     vae_crop: int = 64
     vae_lr: float = 1e-3
-    unet_steps: int = 3500
+    unet_steps: int = 2800
     unet_batch: int = 32
     unet_lr: float = 5e-4
     caption_dropout: float = 0.5
