@@ -19,17 +19,40 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .drag import METHODS as DRAG_OPTIONS
+from .drag.closs import CLOSS_KINDS
+from .drag.common import is_finite_number, parse_options
 from .errors import InputError
 from .features import make_feature_fn
 from .images import WorkingImage, prepare_image, resize_labels
 from .inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
-from .models import SDComponents, encode_prompt
+from .models import SD15_SCHEDULER_CONFIG, SDComponents, encode_prompt
 from .points import DragPoints, map_point
 from .progress import ProgressFn
 from .sampling import CLossSettings, ReferenceBranch, record_reference, sample_dragged
 
 METHODS = ("adaptive", "freedrag", "dragdiffusion")
 VAE_DOWNSCALE = 8
+#: The largest working size accepted: 8 times SD1.5's native side, far beyond what its memory allows in practice.
+MAX_WORK_SIZE = 4096
+
+# Numeric settings: (name, whole number?, lowest, highest, lowest itself excluded?). None = unbounded.
+_SETTING_BOUNDS = (
+    ("seed", True, 0, 2**64 - 1, False),
+    ("work_size", True, 8, MAX_WORK_SIZE, False),
+    ("lora_steps", True, 0, None, False),
+    ("lora_rank", True, 1, None, False),
+    ("lora_lr", False, 0, None, True),
+    ("lora_batch_size", True, 1, None, False),
+    ("num_steps", True, 1, SD15_SCHEDULER_CONFIG["num_train_timesteps"], False),
+    ("strength", False, 0, 1, True),
+    ("feature_block", True, 0, 3, False),  # the UNet's four up-blocks
+    ("feature_scale", False, 0, 1, True),
+    ("closs_weight", False, 0, None, False),
+    ("reference_start_layer", True, 0, None, False),
+    ("reference_start_step", True, 0, None, False),
+    ("guidance_scale", False, 0, None, False),
+)
 
 
 @dataclass
@@ -80,12 +103,42 @@ class EditSettings:
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
 
+    def validate(self) -> "EditSettings":
+        """Check every setting, the method's drag options included, and raise InputError naming the first bad one.
+
+        Numbers must be finite and in range, counts whole. It costs nothing, so the CLI, the pipeline and the nodes
+        call it before any model is loaded or trained. Returns the settings.
+        """
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name, whole, low, high, low_excluded in _SETTING_BOUNDS:
+            _check_number(name, getattr(self, name), whole, low, high, low_excluded)
+        if self.closs_kind not in CLOSS_KINDS:
+            raise InputError(f"unknown CLoss kind {self.closs_kind!r}; choose one of {', '.join(CLOSS_KINDS)}")
+        for name in ("closs", "lora_gradient_checkpointing"):
+            if getattr(self, name) not in (None, True, False):
+                raise InputError(f"{name} must be on, off or auto (None), got {getattr(self, name)!r}")
+        if not isinstance(self.prompt, str):
+            raise InputError(f"prompt must be text, got {type(self.prompt).__name__}")
+        parse_options(DRAG_OPTIONS[self.method][0], self.drag_options, self.method)
+        return self
+
     @property
     def use_closs(self) -> bool:
         return self.method == "adaptive" if self.closs is None else self.closs
 
     def closs_settings(self) -> Optional[CLossSettings]:
         return CLossSettings(weight=self.closs_weight, kind=self.closs_kind) if self.use_closs else None
+
+
+def _check_number(name: str, value, whole: bool, low, high, low_excluded: bool) -> None:
+    """Raise InputError unless ``value`` is a finite (whole, if ``whole``) number within the bounds."""
+    valid = is_finite_number(value) and (isinstance(value, int) or not whole)
+    valid = valid and (value > low if low_excluded else value >= low) and (high is None or value <= high)
+    if not valid:
+        kind = "a whole number" if whole else "a finite number"
+        bounds = f"{'>' if low_excluded else '>='} {low}" + ("" if high is None else f" and <= {high}")
+        raise InputError(f"{name} must be {kind} {bounds}, got {value!r}")
 
 
 def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_latent: torch.Tensor, handles, targets,
@@ -337,7 +390,7 @@ class DragPipeline:
             progress_factory: ``factory(stage_name) -> progress`` callback for each long stage.
             lora: identity-LoRA weights to use instead of training one.
         """
-        settings = settings or EditSettings()
+        settings = (settings or EditSettings()).validate()
         progress_factory = progress_factory or (lambda name: None)
         points.check_image_size(image.width, image.height)
         for name, array in (("mask", mask), ("regions", regions)):
