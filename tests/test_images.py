@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from image_files import orientation_6_jpeg, ramp16
 from PIL import Image
 
 from adaptivedrag_core.errors import InputError
@@ -55,19 +56,8 @@ def test_resize_labels_keeps_labels_and_alignment():
     assert np.array_equal(resize_labels(mask, 4, 4), small == 3)
 
 
-def _orientation_6_jpeg(path):
-    """A 128x96 JPEG stored sideways (left half red, right half blue) whose EXIF says: turn it 90 degrees
-    clockwise to show it, as a phone held upright writes it."""
-    stored = Image.new("RGB", (128, 96), (255, 0, 0))
-    stored.paste((0, 0, 255), (64, 0, 128, 96))
-    exif = Image.Exif()
-    exif[274] = 6
-    stored.save(path, exif=exif.tobytes(), quality=95)
-    return path
-
-
 def test_exif_orientation_is_applied_on_read(tmp_path):
-    image = load_image(_orientation_6_jpeg(tmp_path / "phone.jpg"))
+    image = load_image(orientation_6_jpeg(tmp_path / "phone.jpg"))
     # As a viewer shows it: upright, 96 wide and 128 high, the stored left half (red) on top.
     assert image.size == (96, 128)
     pixels = np.asarray(image.convert("RGB"), dtype=int)
@@ -77,12 +67,8 @@ def test_exif_orientation_is_applied_on_read(tmp_path):
     assert image.getexif().get(274) in (None, 1)
 
 
-def _ramp16(width=53, height=37):
-    return Image.fromarray((np.linspace(0, 65535, width * height).reshape(height, width)).astype(np.uint16))
-
-
 def test_16_bit_grayscale_is_read_on_its_full_range_and_restored_in_16_bits():
-    image = _ramp16()
+    image = ramp16()
     assert image.mode == "I;16"
     working = prepare_image(image, work_size=64)
     # A faithful working copy spans black to white; clipping at 255 made it almost all white.
