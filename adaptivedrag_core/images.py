@@ -32,6 +32,8 @@ from .errors import InputError
 GRAY_FULL_SCALE = {"L": 255, "I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 255}
 #: Grayscale modes deeper than 8 bits, which Pillow's own conversions to L and RGB clip at 255.
 HIGH_BIT_MODES = frozenset(GRAY_FULL_SCALE) - {"L"}
+#: Modes with an alpha channel ("A" is also LAB's second channel, so the band names cannot tell).
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 #: Modes an RGB result is converted back into as they are (Pillow converts both ways).
 CONVERTIBLE_MODES = ("CMYK", "YCbCr", "HSV", "LAB", "RGBX")
 # ITU-R 601-2 luma, the weights Pillow's RGB -> L conversion uses.
@@ -153,7 +155,7 @@ def prepare_image(image: Image.Image, work_size: int = 512) -> WorkingImage:
     """Convert any PIL image into a :class:`WorkingImage` (see the module docstring)."""
     if work_size < 8:
         raise InputError(f"work size must be at least 8 pixels, got {work_size}")
-    alpha = image.getchannel("A") if "A" in image.getbands() else None
+    alpha = image.getchannel("A") if image.mode in ALPHA_MODES else None
     if image.mode == "P" and "transparency" in image.info:
         alpha = image.convert("RGBA").getchannel("A")
     size = working_size(image.width, image.height, work_size)

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 from PIL import Image
 
 from .errors import InputError
-from .images import HIGH_BIT_MODES, eight_bit, gray_image, gray_levels
+from .images import ALPHA_MODES, HIGH_BIT_MODES, eight_bit, gray_image, gray_levels
 
 #: Modes each output format stores as they are (checked with Pillow 13); an image in another mode is written in
 #: the nearest mode its format holds (:func:`writable`).
@@ -107,7 +107,7 @@ def writable(image: Image.Image, fmt: str) -> Image.Image:
         return image
     if image.mode in HIGH_BIT_MODES and "I;16" in modes:
         return gray_image(gray_levels(image), "I;16")
-    has_alpha = "A" in image.getbands()
+    has_alpha = image.mode in ALPHA_MODES
     gray = image.mode in _GRAY_MODES
     candidates = {(True, True): ("LA", "RGBA", "L", "RGB"), (True, False): ("L", "RGB"),
                   (False, True): ("RGBA", "RGB"), (False, False): ("RGB",)}[gray, has_alpha]

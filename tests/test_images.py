@@ -132,3 +132,10 @@ def test_a_16_bit_mask_is_read_on_its_full_range(tmp_path):
     levels[:, :5] = 300  # dark: 0.5 % of full scale
     Image.fromarray(levels).save(path)
     assert np.array_equal(load_mask(path, 10, 8), levels == 65535)
+
+
+def test_a_lab_image_has_no_alpha_channel_to_set_aside():
+    image = Image.new("RGB", (16, 8), (200, 30, 40)).convert("LAB")
+    working = prepare_image(image, work_size=16)
+    assert working.alpha is None
+    assert working.restore(working.pixels).mode == "LAB"

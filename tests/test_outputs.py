@@ -84,3 +84,8 @@ def test_a_failed_image_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_image(Image.new("RGB", (4, 4)), tmp_path / "o.png", force=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lab_result_is_written_as_rgb_not_as_rgba_from_its_a_channel(tmp_path):
+    save_image(Image.new("RGB", (8, 8), (200, 30, 40)).convert("LAB"), tmp_path / "lab.png", force=False)
+    assert Image.open(tmp_path / "lab.png").mode == "RGB"
