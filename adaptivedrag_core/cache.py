@@ -47,7 +47,7 @@ class DiskCache:
             raise InputError(f"cache folder {self.folder}: {existing} is a file, not a folder")
         probe = partial_path(existing / "adaptivedrag-cache-probe")
         try:
-            probe.open("xb").close()
+            probe.open("wb").close()
             probe.unlink()
         except OSError as err:
             raise InputError(f"cache folder {self.folder}: cannot write in {existing} ({err.strerror or err})") from None
@@ -97,9 +97,12 @@ class DiskCache:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's content, read in chunks."""
+    """SHA-256 of a file's content, read in chunks (``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        for chunk in iter(lambda: file.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read_hashes(path: Path) -> dict:

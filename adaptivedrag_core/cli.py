@@ -44,6 +44,7 @@ def main(argv=None) -> int:
 def warnings_as_lines(category: type[Warning]):
     """Show warnings of ``category`` as one ``warning: ...`` line on stderr, instead of Python's two-line form."""
     with warnings.catch_warnings():
+        warnings.simplefilter("always", category)  # every damaged entry is worth its line
         show = warnings.showwarning
 
         def one_line(message, kind, *args, **kwargs):

@@ -65,7 +65,7 @@ def check_writable(option: str, path: Path, force: bool) -> None:
         raise InputError(f"{option} {path}: folder {path.parent} does not exist")
     probe = partial_path(path)
     try:
-        probe.open("xb").close()
+        probe.open("wb").close()
         probe.unlink()
     except OSError as err:
         raise InputError(f"{option} {path}: cannot write in {path.parent} ({err.strerror or err})") from None

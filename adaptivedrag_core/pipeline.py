@@ -469,8 +469,9 @@ class DragPipeline:
 
     def _load_latent(self, key: str, shape):
         """The inverted latent kept on disk under ``key`` (it must have ``shape`` and finite values), or None."""
-        latent = self.cache.load(f"inversion-{key}.safetensors", lambda path: _read_latent(path, shape)) \
-            if self.cache else None
+        if self.cache is None:
+            return None
+        latent = self.cache.load(f"inversion-{key}.safetensors", lambda path: _read_latent(path, shape))
         if latent is None:
             return None
         self._hits.add("inversion")
