@@ -64,7 +64,7 @@ def require_positive(**values) -> None:
     """Raise InputError unless every given option value is a finite number > 0."""
     for name, value in values.items():
         if not is_finite_number(value) or not value > 0:
-            raise InputError(f"option {name} must be a positive number, got {value!r}")
+            raise InputError(f"option {name} must be a positive number (finite), got {value!r}")
 
 
 def require_whole(**values) -> None:
@@ -78,7 +78,7 @@ def require_non_negative(**values) -> None:
     """Raise InputError unless every given option value is a finite number >= 0."""
     for name, value in values.items():
         if not is_finite_number(value) or not value >= 0:
-            raise InputError(f"option {name} must be a number >= 0, got {value!r}")
+            raise InputError(f"option {name} must be a finite number >= 0, got {value!r}")
 
 
 def is_finite_number(value) -> bool:
