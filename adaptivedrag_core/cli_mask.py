@@ -30,7 +30,7 @@ from .automask import (
     render_overlay,
 )
 from .errors import InputError
-from .images import load_image
+from .images import load_image, to_rgb
 from .outputs import check_outputs, save_image
 from .points import DragPoints
 from .progress import TqdmProgress
@@ -73,7 +73,7 @@ def run_mask(args: argparse.Namespace) -> int:
             raise InputError("--sam2-size needs --sam2")
         if args.variant == "sam_masks" and not args.sam2:
             raise InputError("--variant sam_masks needs --sam2 (SAM2's automatic masks)")
-        image = load_image(args.image).convert("RGB")
+        image = to_rgb(load_image(args.image))
         points = DragPoints.from_pairs(args.drag, image.width, image.height)
         result = cli_auto_mask(image, points, args.sam2, args.sam2_size, args.device or _default_device(),
                                variant=args.variant, n_segments=args.n_segments, compactness=args.compactness,

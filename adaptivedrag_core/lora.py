@@ -10,7 +10,6 @@ layer's down projection is a :class:`Float32Down`, which keeps less for the back
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .models import SD15_SCHEDULER_CONFIG
+from .outputs import atomic_write
 from .progress import ProgressFn, report
 
 # DragDiffusion puts the LoRA on every attention projection of the UNet (self- and cross-attention).
@@ -323,22 +323,31 @@ def save_lora(
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"LoRA file already exists: {path} (pass overwrite=True to replace it)")
-    pairs = _lora_pairs(state)
-    from safetensors.torch import save_file
-
-    rank = next(iter(pairs.values()))[0].shape[0]
-    header = {str(key): str(value) for key, value in (metadata or {}).items()}
-    header.update({"format": LORA_FORMAT, "rank": str(rank)})
+    _lora_pairs(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target, then renamed: an interrupted save never leaves a truncated LoRA behind.
-    partial = path.with_name(path.name + ".partial")
-    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(partial), header)
-    os.replace(partial, path)
-    return path
+    return atomic_write(path, lambda partial: write_lora(state, partial, metadata))
+
+
+def write_lora(state: dict[str, torch.Tensor], path, metadata: Optional[dict] = None) -> None:
+    """Write LoRA weights to ``path`` as it is (no checks, not atomic: :func:`save_lora` and the disk cache wrap it).
+
+    Args:
+        state: LoRA weights.
+        path: the file to write.
+        metadata: extra string metadata stored in the file.
+    """
+    from safetensors.torch import save_file
+
+    rank = next(iter(_lora_pairs(state).values()))[0].shape[0]
+    header = {str(key): str(value) for key, value in (metadata or {}).items()}
+    header.update({"format": LORA_FORMAT, "rank": str(rank)})
+    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path), header)
 
 
 def load_lora(path) -> dict[str, torch.Tensor]:
-    """Read LoRA weights written by ``save_lora``; InputError if the file is missing or not a LoRA."""
+    """Read LoRA weights written by ``save_lora``; InputError if the file is missing, not a LoRA, or holds weights
+    that are not finite (they would turn every edit black)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"LoRA file not found: {path}")
@@ -352,4 +361,7 @@ def load_lora(path) -> dict[str, torch.Tensor]:
         _lora_pairs(state)
     except InputError as error:
         raise InputError(f"{path} is {error}") from error
+    broken = next((key for key, value in state.items() if not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise InputError(f"cannot use LoRA file {path}: its weight '{broken}' holds NaN or infinite values")
     return state

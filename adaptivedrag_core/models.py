@@ -237,6 +237,26 @@ def load_sd15(
     return components.to(device=device)
 
 
+def model_files(path, tokenizer_path=None) -> list[tuple[str, Path]]:
+    """The files whose content makes up a model as :func:`load_sd15` loads it, as (name, path) pairs.
+
+    A single file is itself; a diffusers folder is every file in its ``unet/``, ``vae/``, ``text_encoder/`` and
+    ``tokenizer/`` folders, named by their path inside it; a ``tokenizer_path`` adds its files. For cache keys
+    (``cache.DiskCache.fingerprint``): other weights, or another tokenizer, give other keys.
+    """
+    path = Path(path)
+    files = [(path.name, path)] if path.is_file() else [
+        (entry.relative_to(path).as_posix(), entry)
+        for part in (*MODEL_PARTS, "tokenizer") if (path / part).is_dir()
+        for entry in sorted((path / part).rglob("*")) if entry.is_file()
+    ]
+    if tokenizer_path is not None:
+        folder = Path(tokenizer_path)
+        files += [(f"--tokenizer/{entry.relative_to(folder).as_posix()}", entry)
+                  for entry in sorted(folder.rglob("*")) if entry.is_file()]
+    return files
+
+
 def encode_prompt(components: SDComponents, prompt: str, device=None) -> torch.Tensor:
     """CLIP text embeddings of ``prompt``, [1, 77, D] (the text encoder's last hidden state, as SD1.x uses).
 

@@ -6,11 +6,15 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import to_rgb
 from .points import DragPoints
 
 HANDLE_COLOUR = (230, 40, 40)
 TARGET_COLOUR = (40, 90, 230)
 ARROW_COLOUR = (255, 255, 255)
+#: Longest side of each half of the before/after preview: enough to see the edit, and the sheet stays far below
+#: the pixel count Pillow refuses to open (a 10000x10000 input made a 200-megapixel preview).
+PREVIEW_SIDE = 2048
 
 
 def draw_arrows(image: Image.Image, points: DragPoints) -> Image.Image:
@@ -18,7 +22,7 @@ def draw_arrows(image: Image.Image, points: DragPoints) -> Image.Image:
 
     Points are rescaled if they were placed on an image of another size.
     """
-    canvas = image.convert("RGB")
+    canvas = to_rgb(image)
     if (canvas.width, canvas.height) != (points.width, points.height):
         points = points.rescaled(canvas.width, canvas.height)
     draw = ImageDraw.Draw(canvas)
@@ -52,9 +56,12 @@ def _arrow(draw: ImageDraw.ImageDraw, start, end, width: int, head: float) -> No
 
 
 def side_by_side(original: Image.Image, result: Image.Image, points: DragPoints) -> Image.Image:
-    """The original with arrows next to the result, for a person to compare."""
-    left = draw_arrows(original, points)
-    right = result.convert("RGB").resize(left.size)
+    """The original with arrows next to the result, for a person to compare; each half at most
+    :data:`PREVIEW_SIDE` pixels a side."""
+    scale = min(1.0, PREVIEW_SIDE / max(original.size))
+    size = (max(1, round(original.width * scale)), max(1, round(original.height * scale)))
+    left = draw_arrows(to_rgb(original).resize(size, Image.LANCZOS), points)
+    right = to_rgb(result).resize(left.size, Image.LANCZOS)
     gap = max(4, left.width // 64)
     sheet = Image.new("RGB", (left.width * 2 + gap, left.height), (32, 32, 32))
     sheet.paste(left, (0, 0))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adaptivedrag_core.drag.closs import CLOSS_KINDS
-from adaptivedrag_core.pipeline import VAE_DOWNSCALE
+from adaptivedrag_core.pipeline import VAE_DOWNSCALE, EditSettings
 from adaptivedrag_core.sampling import CLossSettings, record_reference, sample_dragged
 
 from .bridge import comfy_latent, core_model
@@ -30,6 +30,8 @@ def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0
     Returns:
         LATENT (unscaled, ComfyUI's convention) for VAE Decode.
     """
+    EditSettings(closs_weight=closs_weight, closs_kind=closs_kind, reference_start_layer=reference_start_layer,
+                 reference_start_step=reference_start_step).validate()
     inversion = dragged.inversion
     core = core_model(inversion.model, trainable=closs)
     device = core.device

@@ -11,7 +11,7 @@ import torch
 from adaptivedrag_core.inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
 from adaptivedrag_core.lora import identity_lora
 from adaptivedrag_core.models import SD15_SCHEDULER_CONFIG
-from adaptivedrag_core.pipeline import VAE_DOWNSCALE
+from adaptivedrag_core.pipeline import VAE_DOWNSCALE, EditSettings
 
 from .bridge import CoreModel, check_text_width, core_model, ordinary, scaled_latent, text_embeddings
 from .runtime import node_progress, release_memory
@@ -67,6 +67,7 @@ def invert(model, latent: dict, positive: list, lora: Optional[dict] = None, ste
     """
     from diffusers import DDIMScheduler
 
+    EditSettings(num_steps=steps, strength=strength).validate()
     core = core_model(model)
     embeddings = text_embeddings(positive)
     check_text_width(embeddings, core)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adaptivedrag_core.lora import train_identity_lora
-from adaptivedrag_core.pipeline import CHECKPOINTING_CHOICES, lora_checkpointing
+from adaptivedrag_core.pipeline import CHECKPOINTING_CHOICES, EditSettings, lora_checkpointing
 
 from .bridge import check_text_width, core_model, ordinary, scaled_latent, text_embeddings
 from .runtime import node_progress, release_memory
@@ -25,6 +25,7 @@ def train_lora(model, latent: dict, positive: list, steps: int = 80, rank: int =
     Returns:
         The LoRA weights (a state dict of CPU tensors; the given MODEL is not changed).
     """
+    EditSettings(lora_steps=steps, lora_rank=rank, lora_lr=lr, lora_batch_size=batch_size, seed=seed).validate()
     core = core_model(model, trainable=True)
     embeddings = text_embeddings(positive)
     check_text_width(embeddings, core)

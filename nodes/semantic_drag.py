@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from adaptivedrag_core.errors import InputError
-from adaptivedrag_core.pipeline import METHODS, drag_on_features, feature_grid_size
+from adaptivedrag_core.pipeline import METHODS, EditSettings, drag_on_features, feature_grid_size
 from adaptivedrag_core.points import DragPoints, map_point
 
 from .bridge import core_model, mask_array, ordinary
@@ -102,8 +102,9 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
         freedrag_l, freedrag_d, freedrag_window_radius, freedrag_gamma: FreeDrag's l (1), d (5), r (3), gamma (10).
         feature_scale: feature map size relative to the image (0.5).
     """
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    options = method_options(method, steps, max_steps, lr, motion_radius, tracking_radius, mask_weight,
+                             superpixel_radii, freedrag_l, freedrag_d, freedrag_window_radius, freedrag_gamma)
+    EditSettings(method=method, drag_options=options, feature_scale=feature_scale).validate()
     points = points_for_latent(drag_points, inverted)
     width, height = inverted.image_size
     grid_size = feature_grid_size(width, height, feature_scale)
@@ -111,8 +112,6 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
     user_mask = None if mask is None else mask_array(mask, points.width, points.height)
     user_mask = check_image_sized(user_mask, "mask", points)
     regions = check_image_sized(superpixels, "superpixels", points) if method == "adaptive" else None
-    options = method_options(method, steps, max_steps, lr, motion_radius, tracking_radius, mask_weight,
-                             superpixel_radii, freedrag_l, freedrag_d, freedrag_window_radius, freedrag_gamma)
 
     core = core_model(inverted.model, trainable=True)
     with lora_context(core, inverted.lora):

@@ -240,6 +240,18 @@ def test_load_missing_or_invalid_files(tmp_path):
         load_lora(not_lora)
 
 
+def test_a_lora_file_with_nan_weights_is_refused(trained, tmp_path):
+    _, state, _ = trained
+    broken = dict(state)
+    name = sorted(broken)[0]
+    broken[name] = broken[name].clone()
+    broken[name][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(broken, str(path))
+    with pytest.raises(InputError, match=f"nan.safetensors: its weight '{name}' holds NaN"):
+        load_lora(path)
+
+
 def test_gradient_checkpointing_trains_the_same_weights_and_is_switched_off_after(tiny, image, trained):
     _, state, _ = trained
     checkpointed = train_identity_lora(tiny.unet, *image, gradient_checkpointing=True, **TRAINING)

@@ -317,3 +317,30 @@ def test_identity_lora_node_passes_its_gradient_checkpointing_choice(monkeypatch
     run(identity_lora.SPEC, model=tiny, latent=graph_inputs["latent"], positive=graph_inputs["positive"], steps=1,
         rank=2, batch_size=1, gradient_checkpointing=choice)
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("node, inputs, message", [
+    ("identity_lora", dict(lr=float("nan")), "lora_lr"),
+    ("identity_lora", dict(batch_size=0), "lora_batch_size"),
+    ("ddim_inversion", dict(strength=float("nan")), "strength"),
+    ("ddim_inversion", dict(steps=5000), "num_steps"),
+    ("semantic_drag", dict(lr=float("inf")), "lr"),
+    ("semantic_drag", dict(mask_weight=float("inf")), "lam"),
+    ("semantic_drag", dict(feature_scale=float("nan")), "feature_scale"),
+    ("semantic_drag", dict(method="nope"), "unknown method"),
+    ("closs_sampler", dict(closs_weight=float("nan")), "closs_weight"),
+    ("closs_sampler", dict(closs_weight=-1.0), "closs_weight"),
+])
+def test_numeric_settings_are_checked_before_the_model_is_touched(monkeypatch, node, inputs, message):
+    module = {"identity_lora": identity_lora, "ddim_inversion": ddim_inversion, "semantic_drag": semantic_drag,
+              "closs_sampler": closs_sampler}[node]
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was bridged although a setting is bad")
+
+    monkeypatch.setattr(module, "core_model", must_not_load)
+    # The model and tensor inputs are left out: the settings are checked before any of them is used.
+    sockets = {"identity_lora": ("model", "latent", "positive"), "ddim_inversion": ("model", "latent", "positive"),
+               "semantic_drag": ("inverted", "drag_points"), "closs_sampler": ("dragged",)}[node]
+    with pytest.raises(InputError, match=message):
+        run(module.SPEC, **dict.fromkeys(sockets), **inputs)
