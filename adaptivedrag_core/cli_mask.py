@@ -52,7 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--sam2-size", metavar="SIZE",
                         help="tiny, small, base_plus or large (default: from the file name, then the weights)")
     parser.add_argument("--variant", choices=VARIANTS, default="features",
-                        help="features: the paper's (default); sam_masks: the public code's (needs --sam2)")
+                        help="features: the paper's (default); sam_masks: the public code's (needs --sam2 and "
+                             "the optional sam2 package)")
     parser.add_argument("--n-segments", type=int, default=DEFAULT_N_SEGMENTS, help="SLIC's number of superpixels")
     parser.add_argument("--compactness", type=float, default=None, help="SLIC compactness (default: per variant)")
     parser.add_argument("--grid-size", type=int, default=DEFAULT_GRID_SIZE, help="longer side of the SLIC grid")

@@ -89,8 +89,8 @@ MASK_SPEC = NodeSpec(
         InputSpec("sam2_model", SAM2_MODEL, "SAM2 from SAM2 Loader. Optional: without it, superpixels follow "
                   "colour only (poorer regions).", optional=True),
         InputSpec("variant", "COMBO", "features: SLIC on SAM2 encoder features (the paper). sam_masks: SLIC on "
-                  "SAM2's automatic masks (the public code; needs SAM2, slower).", default="features",
-                  options=VARIANTS),
+                  "SAM2's automatic masks (the public code; needs SAM2 and the optional sam2 package, slower).",
+                  default="features", options=VARIANTS),
         InputSpec("n_segments", "INT", "Target number of superpixels for SLIC.", default=DEFAULT_N_SEGMENTS,
                   min=2, max=2000),
     ),

@@ -137,9 +137,11 @@ def write_inputs(base: Path) -> None:
 def write_sam2_checkpoint(path: Path) -> None:
     import torch
 
+    from adaptivedrag_core.sam2_keys import to_original
     from adaptivedrag_core.sam2_loader import random_sam2
 
-    torch.save({"model": random_sam2("tiny", seed=0).model.state_dict()}, path)
+    # Meta's tensor names, as the files users put in models/sam2.
+    torch.save({"model": to_original(random_sam2("tiny", seed=0).model.state_dict())}, path)
 
 
 class Server:
