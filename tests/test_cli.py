@@ -82,7 +82,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     fast = ["--lora-steps", "2", "--drag-steps", "3", "--work-size", "64", "--ddim-steps", "10"]
     code, out = _run(capsys, "edit", "--demo", "--out", out_path, *fast)
     assert code == 0, out.err
-    assert "noise, not an edit" in out.out
+    assert "scene model" in out.out
     result = Image.open(out_path)
     assert result.size == (256, 256) and result.mode == "RGB"
     preview = Image.open(tmp_path / "demo_preview.png")
