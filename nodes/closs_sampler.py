@@ -13,7 +13,7 @@ from adaptivedrag_core.sampling import CLossSettings, record_reference, sample_d
 from .bridge import bridged_model, comfy_image, comfy_latent, display_factor, image_array, vae_decode
 from .ddim_inversion import InvertedLatent, lora_context
 from .runtime import node_progress, part_progress, release_memory
-from .semantic_drag import DraggedLatent
+from .semantic_drag import DraggedLatent, handle_ends
 from .spec import DRAGGED_LATENT, InputSpec, NodeResult, NodeSpec, OutputSpec, Unavailable
 
 # The UI key of the preview: the input with the requested arrows beside the result with where the handles ended.
@@ -59,7 +59,7 @@ def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0
                                     handles=handles, targets=targets, progress=part_progress(progress, 1, 2))
     release_memory()
     result = comfy_latent(latent, core.latent_scale)
-    notes = [final_handles_note(dragged)]
+    notes = [f"final handles (target in brackets): {handle_ends(dragged.points, dragged.final_handles)}"]
     if vae is None:
         return NodeResult((result, Unavailable(NO_VAE)), notes=notes + [f"no VAE: {NO_VAE}"])
     image = restored_image(vae, result["samples"], inversion)
@@ -99,14 +99,6 @@ def preview_image(vae, inversion: InvertedLatent, dragged: DraggedLatent, result
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(image_array(image))
-
-
-def final_handles_note(dragged: DraggedLatent) -> str:
-    """Where each handle ended, against its target, in the input's pixels."""
-    pairs = zip(dragged.final_handles, dragged.points.targets)
-    return "final handles (target in brackets): " + "; ".join(
-        f"{number} ({x:.0f}, {y:.0f}) for ({tx:.0f}, {ty:.0f})" for number, ((x, y), (tx, ty))
-        in enumerate(pairs, start=1))
 
 
 SPEC = NodeSpec(

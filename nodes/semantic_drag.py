@@ -77,11 +77,10 @@ def points_for_latent(points: DragPoints, inversion: InvertedLatent) -> DragPoin
                      f"{points.width}x{points.height}; connect the same image to Drag Points and {source}")
 
 
-def drag_notes(method: str, steps: int, points: DragPoints, final_handles: list) -> list[str]:
-    """What the drag did, for the node: steps used and where each handle ended against its target."""
-    ends = "; ".join(f"{number} ({x:.0f}, {y:.0f}) for ({tx:.0f}, {ty:.0f})" for number, ((x, y), (tx, ty))
+def handle_ends(points: DragPoints, final_handles: list) -> str:
+    """Where each handle ended against its target, for a person: ``1 (x, y) for (tx, ty); 2 ...``."""
+    return "; ".join(f"{number} ({x:.0f}, {y:.0f}) for ({tx:.0f}, {ty:.0f})" for number, ((x, y), (tx, ty))
                      in enumerate(zip(final_handles, points.targets), start=1))
-    return [f"{method}: {steps} steps; handles ended at (target in brackets): {ends}"]
 
 
 def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str = "adaptive",
@@ -130,7 +129,8 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
                                       progress=node_progress(), **options)
     release_memory()
     final = [map_point(point, *grid_size, width, height) for point in result.handles]
-    notes += drag_notes(method, int(result.steps), points, final)
+    notes.append(f"{method}: {int(result.steps)} steps; handles ended at (target in brackets): "
+                 f"{handle_ends(points, final)}")
     return NodeResult((DraggedLatent(inverted, ordinary(result.latent, "cpu"), points, final,
                                      int(result.steps)),), notes=notes)
 
