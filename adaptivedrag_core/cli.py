@@ -193,7 +193,7 @@ def run_edit(args) -> int:
     save_image(result.image, out, args.force)
     from .preview import side_by_side
 
-    save_image(side_by_side(image, result.image, points), preview_path(out), args.force)
+    save_image(side_by_side(image, result.image, points, result.final_handles), preview_path(out), args.force)
     final = ", ".join(f"({x:.1f}, {y:.1f})" for x, y in result.final_handles)
     print(f"wrote {out} and {preview_path(out)}; handles ended at {final} after {result.drag_steps} drag steps")
     if args.demo:

@@ -459,7 +459,12 @@ class DragPointsWidget {
       };
     }
     if (!this.image) {
-      return { text: "Connect a Load Image node (or run once) to show the image, then click to place points.", color: STYLE.text };
+      return {
+        text:
+          "No image yet. A Load Image picture shows here at once; for any other image, queue once: Drag Points " +
+          "then shows the image it receives. Then click to place points.",
+        color: STYLE.text,
+      };
     }
     return null;
   }

@@ -19,6 +19,9 @@ The stages are the pipeline's own functions (``train_identity_lora``'s loop, ``d
   the image size, and x_{t-1} for the mask term), keeping the starting features as ``drag()`` keeps them, with
   a plain stand-in for the motion-supervision loss: ``drag()``'s point tracking needs values.
 
+``lora_merge`` is ``identity_lora`` merging the LoRA into the projection weights, once per edit (and per
+re-drag): its peak holds the merged copies beside the originals, as every later stage does.
+
 Per-step figures are scaled to the edit's step counts (``lora_steps``, ``drag_steps``) for the totals.
 
 Before the edit, ``sam2_features`` is the auto mask's SAM2 image encoder (random-init SAM2 of ``sam2_size``, float32,
@@ -276,7 +279,7 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
     stages = meter.stages
     peak_stage = max(stages, key=lambda name: stages[name].peak_bytes)
     peak = stages[peak_stage].peak_bytes
-    re_drag = ("drag_start", "drag", "sampling", "vae_decode")
+    re_drag = ("lora_merge", "drag_start", "drag", "sampling", "vae_decode")
     return {
         "estimate": f"{device.type}-device run with live-tensor bytes and FLOP counts (no GPU): see bench/estimate.py",
         "settings": {**asdict(config), "closs": settings.use_closs},
@@ -328,6 +331,7 @@ def _edit_stages(components: SDComponents, config: EstimateConfig, settings: Edi
     schedule = make_schedule(components.make_scheduler(), settings.num_steps, settings.strength)
     steps = len(schedule.timesteps)
     with identity_lora(components.unet, lora):
+        meter.lap("lora_merge")  # once per edit; the merged weights stay alive through sampling
         inverted = ddim_invert(unet_noise_fn(components.unet, text_embeddings), clean, schedule)
         meter.lap("inversion", steps, steps)
         reference = record_reference(components.unet, text_embeddings, schedule, inverted,
