@@ -1,13 +1,16 @@
 """Command line: ``python -m adaptivedrag_core edit|mask|bench ...``.
 
-Bad input (points, image, mask, model, existing output) prints one line on stderr and exits with status 2,
-without writing any file.
+Bad input (points, image, mask, model, settings, an output that cannot be written) prints one line on stderr and
+exits with status 2, without writing any file; everything that can be checked is checked before a model is
+loaded. Ctrl-C prints one line and exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -16,8 +19,8 @@ from .outputs import check_outputs, save_image
 
 DEMO_DRAG = "150,152:196,140"
 DEMO_NOTE = (
-    "demo: the model is a tiny random-weight stand-in for SD1.5, so the output is noise, not an edit. "
-    "Pass --model with your SD1.5 checkpoint for a real edit."
+    "demo: the model is the project's own small scene model (128 px, trained on procedural scenes like this "
+    "picture), not SD1.5: it edits scenes of that kind only. Pass --model with your SD1.5 checkpoint for photos."
 )
 
 
@@ -32,6 +35,26 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+@contextmanager
+def warnings_as_lines(category: type[Warning]):
+    """Show warnings of ``category`` as one ``warning: ...`` line on stderr, instead of Python's two-line form."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", category)  # every damaged entry is worth its line
+        show = warnings.showwarning
+
+        def one_line(message, kind, *args, **kwargs):
+            if issubclass(kind, category):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                show(message, kind, *args, **kwargs)
+
+        warnings.showwarning = one_line
+        yield
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +111,7 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="keep LoRA weights and inversions here across runs")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--demo", action="store_true",
-                   help="no model needed: tiny random-weight model on the bundled sample image (output is noise)")
+                   help="no model needed: the bundled scene model on the bundled sample picture")
     p.set_defaults(run=run_edit)
 
 
@@ -117,6 +140,9 @@ def demo_image_path() -> Path:
 
 
 def run_edit(args) -> int:
+    """The ``edit`` command. Every check that needs no model (outputs, cache folder, settings, image, points,
+    mask, a given LoRA) runs first, so bad input costs no model loading and no training."""
+    from .cache import CacheWarning, DiskCache
     from .images import load_image
     from .points import DragPoints
 
@@ -131,23 +157,30 @@ def run_edit(args) -> int:
     if not args.demo and not args.model:
         raise InputError("give --model PATH (an SD1.5 checkpoint), or --demo")
     out = Path(args.out)
-    check_outputs({"--out": out, "preview": preview_path(out)}, args.force)
+    lora_file = Path(args.lora) if args.lora else None
+    # A LoRA file that exists is read; one that does not is written after the edit, so it is an output.
+    new_lora = {"--lora": lora_file} if lora_file is not None and not lora_file.exists() else {}
+    check_outputs({"--out": out, "preview": preview_path(out)}, args.force, files=new_lora)
+    cache = DiskCache(args.cache_dir) if args.cache_dir else None
+    if cache is not None:
+        cache.check()
+    _check_device(args.device)
+    settings = _settings(args)
     image = load_image(args.image)
     points = DragPoints.from_pairs(args.drag, image.width, image.height)
-    mask, regions = _mask_and_regions(args, image, points)
-    settings = _settings(args)
-    lora_file = Path(args.lora) if args.lora else None
     given_lora = None
-    if lora_file is not None and lora_file.exists():
+    if lora_file is not None and not new_lora:
         from .lora import load_lora
 
         given_lora = load_lora(lora_file)
-    pipeline = _pipeline(args)
+    mask, regions = _mask_and_regions(args, image, points)
+    pipeline = _pipeline(args, cache)
 
     from .progress import TqdmProgress
 
-    result = pipeline.edit(image, points, settings, mask=mask, regions=regions, progress_factory=TqdmProgress,
-                           lora=given_lora)
+    with warnings_as_lines(CacheWarning):
+        result = pipeline.edit(image, points, settings, mask=mask, regions=regions, progress_factory=TqdmProgress,
+                               lora=given_lora)
     if lora_file is not None and given_lora is None and result.lora is not None:
         from .lora import save_lora
 
@@ -156,7 +189,7 @@ def run_edit(args) -> int:
     save_image(result.image, out, args.force)
     from .preview import side_by_side
 
-    save_image(side_by_side(image, result.image, points), preview_path(out), args.force)
+    save_image(side_by_side(image, result.image, points, result.final_handles), preview_path(out), args.force)
     final = ", ".join(f"({x:.1f}, {y:.1f})" for x, y in result.final_handles)
     print(f"wrote {out} and {preview_path(out)}; handles ended at {final} after {result.drag_steps} drag steps")
     if args.demo:
@@ -168,14 +201,14 @@ def _mask_and_regions(args, image, points):
     """The mask and superpixel regions for the edit, from ``--mask`` (see its help): (mask, regions), each None
     or an array at image size. The auto mask is made here, not in the pipeline, to load SAM2 and print its
     warnings once."""
-    from .images import load_mask
+    from .images import load_mask, to_rgb
 
     choice = args.mask or ("auto" if args.method == "adaptive" else "none")
     mask = None if choice in ("auto", "none") else load_mask(choice, image.width, image.height)
     if choice == "auto" or (mask is not None and args.method == "adaptive"):
         from .cli_mask import cli_auto_mask
 
-        automatic = cli_auto_mask(image.convert("RGB"), points, args.sam2, args.sam2_size, args.device)
+        automatic = cli_auto_mask(to_rgb(image), points, args.sam2, args.sam2_size, args.device)
         return (automatic.mask if mask is None else mask), automatic.regions
     return mask, None
 
@@ -190,9 +223,9 @@ def _settings(args):
                             lora_gradient_checkpointing=checkpointing_choice(args))
     drag_steps = args.drag_steps
     if args.demo:
-        # Small enough to finish in well under a minute on 2 CPU cores.
-        settings.work_size, settings.lora_steps = 128, 10
-        drag_steps = drag_steps or 20
+        from .scene_model import scene_model_info
+
+        settings.work_size = scene_model_info()["native_size"]  # the model's own size, as the README says
     if args.lora_steps is not None:
         settings.lora_steps = args.lora_steps
     if args.work_size is not None:
@@ -200,7 +233,7 @@ def _settings(args):
     if drag_steps is not None:
         settings.drag_options.update(step_budget(args.method, drag_steps))
     settings.drag_options.update(parse_drag_options(args.drag_option))
-    return settings
+    return settings.validate()
 
 
 def parse_drag_options(pairs) -> dict:
@@ -223,19 +256,27 @@ def _number(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _pipeline(args):
+def _check_device(device: str) -> None:
     import torch
 
-    from .models import load_sd15, tiny_sd_components
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+
+
+def _pipeline(args, cache):
+    """The pipeline for ``--model`` (or the demo's model). With a cache folder, the model's cache identity is the
+    content of its files and of ``--tokenizer`` (hashed once, then remembered by size and modification time)."""
+    from .models import load_sd15, model_files
     from .pipeline import DragPipeline
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
     if args.demo:
-        print("demo: running on a tiny random-weight stand-in for SD1.5 (nothing is downloaded)")
-        components, model_id = tiny_sd_components(seed=0), "tiny-random-0"
+        from .scene_model import SCENE_MODEL_DIR, load_scene_model
+
+        print("demo: running on the bundled scene model (nothing is downloaded)")
+        components = load_scene_model()
+        model_id = cache.fingerprint(model_files(SCENE_MODEL_DIR)) if cache else "scene-model"
     else:
         components = load_sd15(args.model, tokenizer_path=args.tokenizer)
-        path = Path(args.model)
-        model_id = f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+        # Without a cache folder the id only names the model: nothing outlives the process.
+        model_id = cache.fingerprint(model_files(args.model, args.tokenizer)) if cache else str(args.model)
     return DragPipeline(components, device=args.device, model_id=model_id, cache_dir=args.cache_dir)

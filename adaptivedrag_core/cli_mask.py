@@ -30,7 +30,7 @@ from .automask import (
     render_overlay,
 )
 from .errors import InputError
-from .images import load_image
+from .images import load_image, to_rgb
 from .outputs import check_outputs, save_image
 from .points import DragPoints
 from .progress import TqdmProgress
@@ -52,7 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--sam2-size", metavar="SIZE",
                         help="tiny, small, base_plus or large (default: from the file name, then the weights)")
     parser.add_argument("--variant", choices=VARIANTS, default="features",
-                        help="features: the paper's (default); sam_masks: the public code's (needs --sam2)")
+                        help="features: the paper's (default); sam_masks: the public code's (needs --sam2 and "
+                             "the optional sam2 package)")
     parser.add_argument("--n-segments", type=int, default=DEFAULT_N_SEGMENTS, help="SLIC's number of superpixels")
     parser.add_argument("--compactness", type=float, default=None, help="SLIC compactness (default: per variant)")
     parser.add_argument("--grid-size", type=int, default=DEFAULT_GRID_SIZE, help="longer side of the SLIC grid")
@@ -73,7 +74,7 @@ def run_mask(args: argparse.Namespace) -> int:
             raise InputError("--sam2-size needs --sam2")
         if args.variant == "sam_masks" and not args.sam2:
             raise InputError("--variant sam_masks needs --sam2 (SAM2's automatic masks)")
-        image = load_image(args.image).convert("RGB")
+        image = to_rgb(load_image(args.image))
         points = DragPoints.from_pairs(args.drag, image.width, image.height)
         result = cli_auto_mask(image, points, args.sam2, args.sam2_size, args.device or _default_device(),
                                variant=args.variant, n_segments=args.n_segments, compactness=args.compactness,

@@ -10,10 +10,7 @@ layer's down projection is a :class:`Float32Down`, which keeps less for the back
 
 from __future__ import annotations
 
-import os
-import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,6 +19,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .models import SD15_SCHEDULER_CONFIG
+from .outputs import atomic_write
 from .progress import ProgressFn, report
 
 # DragDiffusion puts the LoRA on every attention projection of the UNet (self- and cross-attention).
@@ -187,66 +185,41 @@ def fit_noise(unet, latents, context, parameters, steps, lr, seed, progress=None
 
 @contextmanager
 def identity_lora(unet: torch.nn.Module, lora_state: dict[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
-    """Run ``unet`` with the LoRA ``lora_state`` for the duration of the ``with`` block.
+    """Run ``unet`` with the LoRA ``lora_state`` merged into its projection weights for the ``with`` block.
 
-    The original attention projection modules are put back on exit (also on an exception), so the UNet is
-    exactly as before. The peft layers are kept for the last state used on each UNet, so entering again with the
-    same state object (inversion, drag, sampling) only swaps modules. Treat the state as read-only.
-    Gradients flow through the LoRA layers (they are never inference tensors), so drag optimisation works inside.
+    Every pass that does not train the LoRA (inversion, reference, drag, sampling) runs through here: each
+    projection ``W`` becomes ``W + B A`` (computed in float32, stored in ``W``'s dtype), so a forward pass costs
+    what the plain UNet's does, with none of the extra kernels of unmerged LoRA layers. The original weight
+    tensors are put back on exit (also on an exception), untouched, so the UNet is bitwise as before; the merged
+    copies exist only inside the block. Outputs match the unmerged layers to float rounding (float32: about
+    1e-6 relative; fp16: the merged weight is rounded once to fp16, where the unmerged layer rounds the LoRA
+    branch's output). Gradients flow to the UNet's inputs (the drag optimises the latent), not into the weights.
 
     Args:
         unet: the diffusers UNet the LoRA was trained on.
-        lora_state: LoRA weights from ``train_identity_lora`` or ``load_lora``.
+        lora_state: LoRA weights from ``train_identity_lora`` or ``load_lora`` (read, never modified).
 
     Yields:
         The same ``unet``.
     """
-    layers = _cached_layers(unet, lora_state)
-    _put_modules(unet, layers)
-    try:
-        yield unet
-    finally:
-        _put_modules(unet, {path: layer.base_layer for path, layer in layers.items()})
-
-
-@dataclass
-class _CachedLayers:
-    state: dict  # held so that its id cannot be reused by another object
-    layers: dict  # module path -> peft LoRA layer wrapping the UNet's own module
-
-
-# Per UNet, the peft layers of the last LoRA state entered; they disappear with the UNet.
-_LAYER_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _CachedLayers]" = weakref.WeakKeyDictionary()
-
-
-def _cached_layers(unet: torch.nn.Module, lora_state: dict) -> dict:
-    cached = _LAYER_CACHE.get(unet)
-    if cached is not None and cached.state is lora_state and _layers_fit(unet, cached.layers):
-        return cached.layers
     pairs = _lora_pairs(lora_state)
     modules = dict(unet.named_modules())
     _check_lora_fits(pairs, modules)
-    rank = next(iter(pairs.values()))[0].shape[0]
-    layers = _inject_lora_layers(unet, tuple(pairs), rank, seed=0)
-    _put_modules(unet, {path: layer.base_layer for path, layer in layers.items()})
-    with torch.inference_mode(False), torch.no_grad():
-        for path, (down, up) in pairs.items():
-            for parameter, value in zip(_lora_parameters(layers[path]), (down, up)):
-                parameter.copy_(value)
-                parameter.requires_grad_(False)  # fixed weights: gradients flow through them, not into them
-    _LAYER_CACHE[unet] = _CachedLayers(lora_state, layers)
-    return layers
-
-
-def _layers_fit(unet: torch.nn.Module, layers: dict) -> bool:
-    # Still valid if nobody replaced the wrapped modules and the UNet has not moved to another device.
-    modules = dict(unet.named_modules())
-    for path, layer in layers.items():
-        if modules.get(path) is not layer.base_layer:
-            return False
-        if _lora_parameters(layer)[0].device != layer.base_layer.weight.device:
-            return False
-    return True
+    originals = {}
+    try:
+        # Outside inference mode, so autograd can pass through the merged weights; no graph into the LoRA.
+        with torch.inference_mode(False), torch.no_grad():
+            for path, (down, up) in pairs.items():
+                module = modules[path]
+                weight = module.weight
+                delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
+                originals[path] = weight
+                module._parameters["weight"] = torch.nn.Parameter((weight.float() + delta).to(weight.dtype),
+                                                                  requires_grad=False)
+        yield unet
+    finally:
+        for path, weight in originals.items():
+            modules[path]._parameters["weight"] = weight
 
 
 def _check_lora_fits(pairs: dict, modules: dict) -> None:
@@ -350,22 +323,31 @@ def save_lora(
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"LoRA file already exists: {path} (pass overwrite=True to replace it)")
-    pairs = _lora_pairs(state)
-    from safetensors.torch import save_file
-
-    rank = next(iter(pairs.values()))[0].shape[0]
-    header = {str(key): str(value) for key, value in (metadata or {}).items()}
-    header.update({"format": LORA_FORMAT, "rank": str(rank)})
+    _lora_pairs(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target, then renamed: an interrupted save never leaves a truncated LoRA behind.
-    partial = path.with_name(path.name + ".partial")
-    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(partial), header)
-    os.replace(partial, path)
-    return path
+    return atomic_write(path, lambda partial: write_lora(state, partial, metadata))
+
+
+def write_lora(state: dict[str, torch.Tensor], path, metadata: Optional[dict] = None) -> None:
+    """Write LoRA weights to ``path`` as it is (no checks, not atomic: :func:`save_lora` and the disk cache wrap it).
+
+    Args:
+        state: LoRA weights.
+        path: the file to write.
+        metadata: extra string metadata stored in the file.
+    """
+    from safetensors.torch import save_file
+
+    rank = next(iter(_lora_pairs(state).values()))[0].shape[0]
+    header = {str(key): str(value) for key, value in (metadata or {}).items()}
+    header.update({"format": LORA_FORMAT, "rank": str(rank)})
+    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path), header)
 
 
 def load_lora(path) -> dict[str, torch.Tensor]:
-    """Read LoRA weights written by ``save_lora``; InputError if the file is missing or not a LoRA."""
+    """Read LoRA weights written by ``save_lora``; InputError if the file is missing, not a LoRA, or holds weights
+    that are not finite (they would turn every edit black)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"LoRA file not found: {path}")
@@ -379,4 +361,7 @@ def load_lora(path) -> dict[str, torch.Tensor]:
         _lora_pairs(state)
     except InputError as error:
         raise InputError(f"{path} is {error}") from error
+    broken = next((key for key, value in state.items() if not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise InputError(f"cannot use LoRA file {path}: its weight '{broken}' holds NaN or infinite values")
     return state

@@ -7,6 +7,7 @@ the same architecture family with tiny widths for tests and the demo.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,26 @@ def load_sd15(
     return components.to(device=device)
 
 
+def model_files(path, tokenizer_path=None) -> list[tuple[str, Path]]:
+    """The files whose content makes up a model as :func:`load_sd15` loads it, as (name, path) pairs.
+
+    A single file is itself; a diffusers folder is every file in its ``unet/``, ``vae/``, ``text_encoder/`` and
+    ``tokenizer/`` folders, named by their path inside it; a ``tokenizer_path`` adds its files. For cache keys
+    (``cache.DiskCache.fingerprint``): other weights, or another tokenizer, give other keys.
+    """
+    path = Path(path)
+    files = [(path.name, path)] if path.is_file() else [
+        (entry.relative_to(path).as_posix(), entry)
+        for part in (*MODEL_PARTS, "tokenizer") if (path / part).is_dir()
+        for entry in sorted((path / part).rglob("*")) if entry.is_file()
+    ]
+    if tokenizer_path is not None:
+        folder = Path(tokenizer_path)
+        files += [(f"--tokenizer/{entry.relative_to(folder).as_posix()}", entry)
+                  for entry in sorted(folder.rglob("*")) if entry.is_file()]
+    return files
+
+
 def encode_prompt(components: SDComponents, prompt: str, device=None) -> torch.Tensor:
     """CLIP text embeddings of ``prompt``, [1, 77, D] (the text encoder's last hidden state, as SD1.x uses).
 
@@ -330,14 +351,34 @@ def _load_diffusers_folder(folder: Path, configs: dict, dtype: torch.dtype) -> d
     for part in MODEL_PARTS:
         subfolder = folder / part
         try:
-            module = classes[part].from_pretrained(
-                subfolder, local_files_only=True, variant=weights_variant(subfolder), torch_dtype=dtype
-            )
+            with _quiet_loading():
+                module = classes[part].from_pretrained(
+                    subfolder, local_files_only=True, variant=weights_variant(subfolder), torch_dtype=dtype
+                )
         except (OSError, ValueError, KeyError) as error:
             raise InputError(f"cannot load the {_PART_NAMES[part]} from {subfolder}: {error}") from error
         _check_weights(part, module.state_dict(), _expected_shapes(part, configs[part]), subfolder)
         modules[part] = module
     return modules
+
+
+@contextmanager
+def _quiet_loading():
+    """No "Loading weights" progress bars from transformers or diffusers: a load takes a fraction of a second,
+    and the bars would land in the CLI's one-line messages."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    shown = (transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled())
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            transformers_logging.enable_progress_bar()
+        if shown[1]:
+            diffusers_logging.enable_progress_bar()
 
 
 def weights_variant(subfolder: Path) -> Optional[str]:

@@ -20,18 +20,41 @@ import torch
 from PIL import Image
 
 from .automask import auto_mask
-from .drag.common import usable_mask
+from .cache import DiskCache
+from .drag import METHODS as DRAG_OPTIONS
+from .drag.closs import CLOSS_KINDS
+from .drag.common import is_finite_number, parse_options, usable_mask
 from .errors import InputError
 from .features import make_feature_fn
 from .images import WorkingImage, prepare_image, resize_labels
 from .inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
-from .models import SDComponents, encode_prompt
+from .models import SD15_SCHEDULER_CONFIG, SDComponents, encode_prompt
 from .points import DragPoints, map_point
 from .progress import ProgressFn
 from .sampling import CLossSettings, ReferenceBranch, record_reference, sample_dragged
 
 METHODS = ("adaptive", "freedrag", "dragdiffusion")
 VAE_DOWNSCALE = 8
+#: The largest working size accepted: 8 times SD1.5's native side, far beyond what its memory allows in practice.
+MAX_WORK_SIZE = 4096
+
+# Numeric settings: (name, whole number?, lowest, highest, lowest itself excluded?). None = unbounded.
+_SETTING_BOUNDS = (
+    ("seed", True, 0, 2**64 - 1, False),
+    ("work_size", True, 8, MAX_WORK_SIZE, False),
+    ("lora_steps", True, 0, None, False),
+    ("lora_rank", True, 1, None, False),
+    ("lora_lr", False, 0, None, True),
+    ("lora_batch_size", True, 1, None, False),
+    ("num_steps", True, 1, SD15_SCHEDULER_CONFIG["num_train_timesteps"], False),
+    ("strength", False, 0, 1, True),
+    ("feature_block", True, 0, 3, False),  # the UNet's four up-blocks
+    ("feature_scale", False, 0, 1, True),
+    ("closs_weight", False, 0, None, False),
+    ("reference_start_layer", True, 0, None, False),
+    ("reference_start_step", True, 0, None, False),
+    ("guidance_scale", False, 0, None, False),
+)
 
 
 @dataclass
@@ -86,6 +109,26 @@ class EditSettings:
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
 
+    def validate(self) -> "EditSettings":
+        """Check every setting, the method's drag options included, and raise InputError naming the first bad one.
+
+        Numbers must be finite and in range, counts whole. It costs nothing, so the CLI, the pipeline and the nodes
+        call it before any model is loaded or trained. Returns the settings.
+        """
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name, whole, low, high, low_excluded in _SETTING_BOUNDS:
+            _check_number(name, getattr(self, name), whole, low, high, low_excluded)
+        if self.closs_kind not in CLOSS_KINDS:
+            raise InputError(f"unknown CLoss kind {self.closs_kind!r}; choose one of {', '.join(CLOSS_KINDS)}")
+        for name in ("auto_mask", "closs", "lora_gradient_checkpointing"):
+            if getattr(self, name) not in (None, True, False):
+                raise InputError(f"{name} must be on, off or auto (None), got {getattr(self, name)!r}")
+        if not isinstance(self.prompt, str):
+            raise InputError(f"prompt must be text, got {type(self.prompt).__name__}")
+        parse_options(DRAG_OPTIONS[self.method][0], self.drag_options, self.method)
+        return self
+
     @property
     def use_auto_mask(self) -> bool:
         return self.method == "adaptive" if self.auto_mask is None else self.auto_mask
@@ -96,6 +139,16 @@ class EditSettings:
 
     def closs_settings(self) -> Optional[CLossSettings]:
         return CLossSettings(weight=self.closs_weight, kind=self.closs_kind) if self.use_closs else None
+
+
+def _check_number(name: str, value, whole: bool, low, high, low_excluded: bool) -> None:
+    """Raise InputError unless ``value`` is a finite (whole, if ``whole``) number within the bounds."""
+    valid = is_finite_number(value) and (isinstance(value, int) or not whole)
+    valid = valid and (value > low if low_excluded else value >= low) and (high is None or value <= high)
+    if not valid:
+        kind = "a whole number" if whole else "a finite number"
+        bounds = f"{'>' if low_excluded else '>='} {low}" + ("" if high is None else f" and <= {high}")
+        raise InputError(f"{name} must be {kind} {bounds}, got {value!r}")
 
 
 def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_latent: torch.Tensor, handles, targets,
@@ -209,8 +262,11 @@ class DragPipeline:
         components: the model (see :mod:`models`).
         device: "cpu" or "cuda".
         dtype: UNet/text-encoder dtype; default fp16 on CUDA, fp32 on CPU. The VAE stays fp32.
-        model_id: identifies the weights in cache keys (e.g. the checkpoint path and size).
-        cache_dir: folder for LoRA weights and inverted latents kept across runs, or None.
+        model_id: identifies the weights in cache keys; with ``cache_dir``, derive it from the weights' content
+            (:meth:`cache.DiskCache.fingerprint` of :func:`models.model_files`), so other weights never share
+            entries. The dtype and the device are part of every key too.
+        cache_dir: folder for LoRA weights and inverted latents kept across runs, or None. It is checked here:
+            InputError if files cannot be written there.
     """
 
     def __init__(self, components: SDComponents, device="cpu", dtype=None, model_id="model", cache_dir=None):
@@ -222,7 +278,9 @@ class DragPipeline:
             if module is not None:
                 place_module(module, self.device, dtype)
         self.model_id = model_id
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache = DiskCache(cache_dir) if cache_dir else None
+        if self.cache is not None:
+            self.cache.check()
         self._memory: dict = {}
         self._hits: set = set()  # stages served from a cache during the current edit
 
@@ -244,16 +302,16 @@ class DragPipeline:
 
     def train_lora(self, latent, text_embeddings, settings: EditSettings, key: str, progress: ProgressFn = None):
         """Identity LoRA for this image (cached in memory and, with ``cache_dir``, on disk)."""
-        from .lora import load_lora, save_lora, train_identity_lora
+        from .lora import load_lora, train_identity_lora, write_lora
 
         if settings.lora_steps <= 0:
             return None
         cached = self._cached("lora", key)
         if cached is not None:
             return cached
-        disk = self.cache_dir / f"lora-{key}.safetensors" if self.cache_dir else None
-        if disk is not None and disk.is_file():
-            state = load_lora(disk)
+        name = f"lora-{key}.safetensors"
+        state = self.cache.load(name, load_lora) if self.cache else None
+        if state is not None:
             self._hits.add("lora")
         else:
             state = train_identity_lora(
@@ -261,9 +319,8 @@ class DragPipeline:
                 lr=settings.lora_lr, batch_size=settings.lora_batch_size, seed=settings.seed, progress=progress,
                 gradient_checkpointing=lora_checkpointing(settings.lora_gradient_checkpointing, self.device),
             )
-            if disk is not None:
-                disk.parent.mkdir(parents=True, exist_ok=True)
-                save_lora(state, disk, overwrite=True)
+            if self.cache is not None:
+                self.cache.save(name, lambda partial: write_lora(state, partial))
         return self._store("lora", key, state)
 
     def invert(self, working: WorkingImage, settings: EditSettings, progress_factory=None,
@@ -280,16 +337,18 @@ class DragPipeline:
         clean = self.encode_image(working)
         text_embeddings = self.encode_prompt(settings.prompt)
         if lora is not None:
-            lora_key = self._key("given-lora", *(lora[name] for name in sorted(lora)))
+            lora_key = self._key("given-lora", *sorted(lora), *(lora[name] for name in sorted(lora)))
         else:
             lora_key = self._key("lora", working.pixels, settings.prompt, settings.seed, settings.lora_steps,
                                  settings.lora_rank, settings.lora_lr, settings.lora_batch_size)
             lora = self.train_lora(clean, text_embeddings, settings, lora_key, progress_factory("identity LoRA"))
-        key = self._key("inversion", lora_key, settings.num_steps, settings.strength)
+        # The image and the prompt are part of the key whichever LoRA is used (a given one fits any image).
+        key = self._key("inversion", working.pixels, settings.prompt, lora_key if lora is not None else None,
+                        settings.num_steps, settings.strength)
         schedule = make_schedule(self.components.make_scheduler(), settings.num_steps, settings.strength)
         inverted = self._cached("inversion", key)
         if inverted is None:
-            inverted = self._load_latent(key)
+            inverted = self._load_latent(key, clean.shape)
         if inverted is None:
             with self._lora(lora):
                 inverted = ddim_invert(unet_noise_fn(self.components.unet, text_embeddings), clean, schedule,
@@ -361,7 +420,7 @@ class DragPipeline:
                 None uses the Lab-colour fallback, with its ``AutoMaskWarning``. Used when
                 ``settings.use_auto_mask`` and no regions are given (the adaptive default).
         """
-        settings = settings or EditSettings()
+        settings = (settings or EditSettings()).validate()
         progress_factory = progress_factory or (lambda name: None)
         points.check_image_size(image.width, image.height)
         for name, array in (("mask", mask), ("regions", regions)):
@@ -416,9 +475,11 @@ class DragPipeline:
         return value
 
     def _key(self, *parts) -> str:
-        digest = hashlib.sha256(self.model_id.encode())
+        """A cache key from the model, its dtype and device, and ``parts`` (tensors by shape and values)."""
+        digest = hashlib.sha256(json.dumps([self.model_id, str(self.dtype), self.device.type]).encode())
         for part in parts:
             if isinstance(part, torch.Tensor):
+                digest.update(json.dumps(list(part.shape)).encode())
                 digest.update(part.detach().float().cpu().numpy().tobytes())
             else:
                 digest.update(json.dumps(part, default=str).encode())
@@ -437,22 +498,32 @@ class DragPipeline:
 
         return identity_lora(self.components.unet, state)
 
-    def _load_latent(self, key: str):
-        path = self.cache_dir / f"inversion-{key}.safetensors" if self.cache_dir else None
-        if path is None or not path.is_file():
+    def _load_latent(self, key: str, shape):
+        """The inverted latent kept on disk under ``key`` (it must have ``shape`` and finite values), or None."""
+        if self.cache is None:
             return None
-        from safetensors.torch import load_file
-
+        latent = self.cache.load(f"inversion-{key}.safetensors", lambda path: _read_latent(path, shape))
+        if latent is None:
+            return None
         self._hits.add("inversion")
-        return self._store("inversion", key, load_file(str(path))["latent"].to(self.device))
+        return self._store("inversion", key, latent.to(self.device))
 
     def _save_latent(self, key: str, latent: torch.Tensor) -> None:
-        if self.cache_dir is None:
+        if self.cache is None:
             return
         from safetensors.torch import save_file
 
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"latent": latent.detach().cpu().contiguous()}, str(self.cache_dir / f"inversion-{key}.safetensors"))
+        self.cache.save(f"inversion-{key}.safetensors",
+                        lambda partial: save_file({"latent": latent.detach().cpu().contiguous()}, str(partial)))
+
+
+def _read_latent(path: Path, shape) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    latent = load_file(str(path))["latent"]
+    if tuple(latent.shape) != tuple(shape) or not torch.isfinite(latent).all():
+        raise ValueError(f"it holds no finite latent of shape {tuple(shape)}")
+    return latent
 
 
 class _StageRunner:

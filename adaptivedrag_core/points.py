@@ -20,6 +20,13 @@ from .errors import InputError
 
 JSON_VERSION = 1
 
+# Bounds that keep hostile input from making the parser do unbounded work; the canvas widget has the same
+# (LIMITS in web/points_model.js).
+MAX_TEXT_LENGTH = 100_000
+MAX_PAIRS = 256
+MAX_SIDE = 65_536
+MAX_DEPTH = 6  # the valid form nests 4 deep: object > pairs > pair > [x, y]
+
 Point = tuple[float, float]
 
 
@@ -44,18 +51,24 @@ class DragPoints:
     height: int
 
     def __post_init__(self):
-        object.__setattr__(self, "handles", tuple((float(x), float(y)) for x, y in self.handles))
-        object.__setattr__(self, "targets", tuple((float(x), float(y)) for x, y in self.targets))
+        for name in ("handles", "targets"):
+            points = tuple(_as_point(point, f"{name[:-1]} {i}") for i, point in enumerate(getattr(self, name), 1))
+            object.__setattr__(self, name, points)
         self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         if not (isinstance(self.width, int) and isinstance(self.height, int)) or self.width <= 0 or self.height <= 0:
             raise PointsError(f"image size must be positive integers, got {self.width}x{self.height}")
+        if self.width > MAX_SIDE or self.height > MAX_SIDE:
+            raise PointsError(f"image size {self.width}x{self.height}: points take images of at most {MAX_SIDE} "
+                              "pixels a side")
         if len(self.handles) != len(self.targets):
             raise PointsError(f"{len(self.handles)} handles but {len(self.targets)} targets")
         if not self.handles:
             raise PointsError("no drag pairs: give at least one handle -> target pair")
+        if len(self.handles) > MAX_PAIRS:
+            raise PointsError(f"too many drag pairs: {len(self.handles)} (at most {MAX_PAIRS})")
         for i, (h, t) in enumerate(zip(self.handles, self.targets), start=1):
             for name, (x, y) in (("handle", h), ("target", t)):
                 if not (math.isfinite(x) and math.isfinite(y)):
@@ -100,10 +113,14 @@ class DragPoints:
 
     @classmethod
     def from_json(cls, text: str) -> "DragPoints":
-        """Parse the versioned JSON form. Raises :class:`PointsError` naming what is wrong."""
+        """Parse the versioned JSON form. Raises :class:`PointsError` (only) naming what is wrong."""
+        if isinstance(text, (str, bytes)) and len(text) > MAX_TEXT_LENGTH:
+            raise PointsError(f"drag points JSON is too long ({len(text)} characters, at most {MAX_TEXT_LENGTH})")
+        if isinstance(text, (str, bytes)) and _nesting_depth(text) > MAX_DEPTH:
+            raise PointsError("drag points JSON is nested too deeply")
         try:
             data = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as err:
+        except (TypeError, ValueError) as err:  # ValueError: also integers beyond Python's digit limit
             raise PointsError(f"drag points are not valid JSON: {err}") from None
         return cls.from_dict(data)
 
@@ -177,6 +194,40 @@ def map_point(point: Point, src_w: float, src_h: float, dst_w: float, dst_h: flo
     return (min(max(nx, 0.0), dst_w - 1.0), min(max(ny, 0.0), dst_h - 1.0))
 
 
+def _nesting_depth(text) -> int:
+    """Deepest bracket nesting outside strings; checked before parsing, so the parse itself stays shallow."""
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _as_point(point, where: str) -> Point:
+    """(x, y) as floats; PointsError if they are not two numbers or too large for a float."""
+    try:
+        x, y = point
+        return (float(x), float(y))
+    except OverflowError:
+        raise PointsError(f"{where}: coordinates {point!r:.40} are too large") from None
+    except (TypeError, ValueError):
+        raise PointsError(f"{where} must be two numbers (x, y), got {point!r:.40}") from None
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -187,5 +238,5 @@ def _xy(value, where: str) -> Point:
         or len(value) != 2
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     ):
-        raise PointsError(f"{where} must be [x, y] numbers, got {value!r}")
-    return (float(value[0]), float(value[1]))
+        raise PointsError(f"{where} must be [x, y] numbers, got {value!r:.40}")
+    return _as_point(value, where)

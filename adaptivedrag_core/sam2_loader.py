@@ -1,40 +1,44 @@
 """SAM2 from a local checkpoint, offline, as an image encoder for the auto mask.
 
-The model is built from the configs that ship inside the ``sam2`` package and filled with the weights of a
-local file: an official ``.pt`` (``{"model": state_dict}``, read with ``weights_only=True``) or a
-``.safetensors`` file with the same keys (fp16/bf16 files are fine, weights are cast to float32).
+The model is transformers' ``Sam2Model``, built from the configs that ship in this package
+(``configs/sam2/{tiny,small,base_plus,large}.json``) and filled with the weights of a local file as users have it:
+Meta's ``.pt`` (``{"model": state_dict}``, read with ``weights_only=True``) or a ``.safetensors`` file with the
+same tensor names (fp16/bf16 files are fine, weights are cast to float32). The names are mapped onto transformers'
+in :mod:`.sam2_keys`; no conversion step is asked of the user. SAM2 and SAM2.1 of one size share these configs:
+the two versions differ only in video-tracking parts, which the image model leaves out.
 
 The model size (tiny / small / base_plus / large) and version (SAM2 or SAM2.1) come from an explicit
 ``model_size`` (``"tiny"``, ``"b+"``, ``"sam2.1_small"``, ...), else from the file name
 (``sam2.1_hiera_tiny.pt``, ``sam2_hiera_b+.safetensors``, ...), else from the weights themselves (the trunk's
 width and depth tell the size, the ``no_obj_embed_spatial`` tensor tells SAM2.1).
 
-The config YAML is read with OmegaConf and instantiated with hydra's ``instantiate``, not through hydra's
-``compose``: ``compose`` needs hydra's process-wide ``GlobalHydra`` set to sam2's config module, which another
-package in the same process (ComfyUI custom nodes) may have initialised differently. The YAMLs have no
-defaults list, so both routes give the same config.
+The image embedding is the one SAM2's own image predictor computes: the image resized to the model's square input
+(1024, bilinear with antialiasing) and normalised with ImageNet statistics, the stride-16 neck output plus the
+"no memory" embedding. Only the ``sam_masks`` auto-mask variant needs the ``sam2`` package (its automatic mask
+generator, see :mod:`.sam2_generator`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import json
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
+from .sam2_keys import original_name, to_transformers
 
 SIZES = ("tiny", "small", "base_plus", "large")
 VERSIONS = ("2", "2.1")
 
-# Config file suffix, trunk embed_dim and trunk block count of each size (from the shipped configs).
-_SIZE_CONFIG = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
+# Trunk embed_dim and trunk block count of each size (from the shipped configs).
 _SIZE_BY_TRUNK = {(96, 12): "tiny", (96, 16): "small", (112, 24): "base_plus", (144, 48): "large"}
 
 _SIZE_ALIASES = {
@@ -49,6 +53,11 @@ _VERSION_PREFIX = re.compile(r"^sam2(?:[._-]?1)?[._-]*(?:hiera[._-]*)?")
 _PATCH_EMBED = "image_encoder.trunk.patch_embed.proj.weight"
 _TRUNK_BLOCK = re.compile(r"^image_encoder\.trunk\.blocks\.(\d+)\.")
 _SAM21_ONLY_KEY = "no_obj_embed_spatial"
+# SAM2's input normalisation (ImageNet statistics).
+_PIXEL_MEAN = (0.485, 0.456, 0.406)
+_PIXEL_STD = (0.229, 0.224, 0.225)
+# Names listed in a "does not fit" message, per kind.
+_NAMES_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,6 @@ class Sam2Spec:
 
     version: str
     size: str
-
-    @property
-    def config_path(self) -> str:
-        """Path of the shipped config inside the ``sam2`` package."""
-        folder = "sam2.1" if self.version == "2.1" else "sam2"
-        return f"configs/{folder}/{folder}_hiera_{_SIZE_CONFIG[self.size]}.yaml"
 
     def __str__(self) -> str:
         return f"SAM{self.version} {self.size}"
@@ -128,22 +131,35 @@ def read_state_dict(path: Path) -> dict:
     return data
 
 
-def build_sam2_model(spec: Sam2Spec):
-    """A randomly initialised SAM2 model (``sam2.modeling.sam2_base.SAM2Base``) from the shipped config."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def sam2_config(size: str):
+    """transformers' ``Sam2Config`` of a size, from the config shipped in this package."""
+    from transformers import Sam2Config
 
-    config_file = importlib.resources.files("sam2") / spec.config_path
-    config = OmegaConf.load(str(config_file))
-    OmegaConf.resolve(config)
-    return instantiate(config.model, _recursive_=True)
+    config_file = importlib.resources.files("adaptivedrag_core") / "configs" / "sam2" / f"{size}.json"
+    config = Sam2Config.from_dict(json.loads(config_file.read_text()))
+    # The sam2 package's attention kernel, so both give the same embedding.
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_sam2_model(size: str, empty: bool = False):
+    """transformers' ``Sam2Model`` of a size (see :func:`sam2_config`), randomly initialised.
+
+    Args:
+        size: one of :data:`SIZES`.
+        empty: build on the meta device (no memory, no initialisation) for weights that are assigned next.
+    """
+    from transformers import Sam2Model
+
+    with torch.device("meta") if empty else contextlib.nullcontext():
+        return Sam2Model(sam2_config(size))
 
 
 class Sam2Encoder:
     """A SAM2 model used as an image encoder, plus SAM2's automatic mask generator.
 
     Args:
-        model: a ``SAM2Base`` in eval mode.
+        model: a transformers ``Sam2Model`` in eval mode.
         spec: which model it is.
         mask_generator_options: keyword arguments for ``SAM2AutomaticMaskGenerator`` (e.g. ``points_per_side``);
             empty means SAM2's defaults, which the public AdaptiveDrag code uses.
@@ -154,37 +170,47 @@ class Sam2Encoder:
         self.spec = spec
         self.mask_generator_options = dict(mask_generator_options or {})
 
-    def features(self, image: np.ndarray) -> torch.Tensor:
-        """The image-encoder feature map [256, 64, 64] (float32, CPU) of an RGB uint8 [H, W, 3] image.
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the image the encoder takes (1024 x 1024)."""
+        height, width = self.model.config.vision_config.backbone_config.image_size
+        return int(height), int(width)
 
-        SAM2's own preprocessing: the image is resized to the model's square input (1024) and normalised with
-        ImageNet statistics; the map is the stride-16 neck output with SAM2's ``no_mem_embed`` added, i.e.
-        exactly the embedding SAM2's image predictor hands to its mask decoder.
-        """
-        predictor = self._predictor()
-        predictor.set_image(np.array(image, dtype=np.uint8))  # a writable copy, as torch wants
-        return predictor.get_image_embedding()[0].float().cpu()
+    def pixel_values(self, image: np.ndarray) -> torch.Tensor:
+        """An RGB uint8 [H, W, 3] image as the encoder's input [1, 3, 1024, 1024] on the model's device: scaled to
+        [0, 1], resized (bilinear, antialiased, as SAM2's transform) and normalised."""
+        device = next(self.model.parameters()).device
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float() / 255
+        pixels = F.interpolate(pixels, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(_PIXEL_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(_PIXEL_STD, device=device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image embeddings [B, 256, 64, 64] of encoder inputs [B, 3, 1024, 1024]."""
+        with torch.no_grad():
+            return self.model.get_image_embeddings(pixel_values)[-1]
+
+    def features(self, image: np.ndarray) -> torch.Tensor:
+        """The image-encoder feature map [256, 64, 64] (float32, CPU) of an RGB uint8 [H, W, 3] image: the
+        embedding SAM2's image predictor hands to its mask decoder."""
+        return self.embeddings(self.pixel_values(image))[0].float().cpu()
 
     def automatic_masks(self, image: np.ndarray) -> list[np.ndarray]:
-        """SAM2's automatic masks of an RGB uint8 image: a list of bool [H, W] arrays (possibly empty)."""
-        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+        """SAM2's automatic masks of an RGB uint8 image: a list of bool [H, W] arrays (possibly empty).
 
-        with _quiet_sam2_construction():
-            generator = SAM2AutomaticMaskGenerator(self.model, **self.mask_generator_options)
-        records = generator.generate(np.array(image, dtype=np.uint8))
-        return [np.asarray(record["segmentation"], dtype=bool) for record in records]
+        Raises:
+            InputError: the optional ``sam2`` package is not installed.
+        """
+        from .sam2_generator import automatic_masks
 
-    def _predictor(self):
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-        with _quiet_sam2_construction():
-            return SAM2ImagePredictor(self.model)
+        return automatic_masks(self.model, self.spec, image, self.mask_generator_options)
 
 
 @contextlib.contextmanager
 def sam2_on(encoder: Optional[Sam2Encoder], device):
     """Put ``encoder``'s model on ``device`` for the ``with`` block and back where it was afterwards (also on an
-    exception); nothing for None. SAM2 large holds 0.84 GiB of weights: kept on the CPU between masks, it leaves
+    exception); nothing for None. SAM2 large holds 0.81 GiB of weights: kept on the CPU between masks, it leaves
     the GPU to the edit."""
     if encoder is None:
         yield encoder
@@ -195,15 +221,6 @@ def sam2_on(encoder: Optional[Sam2Encoder], device):
         yield encoder
     finally:
         encoder.model.to(home)
-
-
-@contextlib.contextmanager
-def _quiet_sam2_construction():
-    # SAM2's transforms use torch.jit.script, which recent torch flags with a FutureWarning on every build;
-    # the user can do nothing about it.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        yield
 
 
 def load_sam2(path, model_size: Optional[str] = None, device="cpu") -> Sam2Encoder:
@@ -226,7 +243,7 @@ def load_sam2(path, model_size: Optional[str] = None, device="cpu") -> Sam2Encod
     state_dict = read_state_dict(path)
     detected = detect_spec(state_dict)
     spec = _choose_spec(path, option, detected)
-    model = build_sam2_model(spec)
+    model = build_sam2_model(spec.size, empty=True)
     _load_weights(model, state_dict, spec, detected, path)
     try:
         model = model.to(device)
@@ -250,21 +267,33 @@ def _choose_spec(path: Path, option: tuple, detected: Optional[Sam2Spec]) -> Sam
 
 
 def _load_weights(model, state_dict: dict, spec: Sam2Spec, detected: Optional[Sam2Spec], path: Path) -> None:
+    # The model was built empty: every tensor is assigned here, as float32.
+    weights = to_transformers(state_dict)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or reshaped:
+    missing = sorted({original_name(name) for name in set(expected) - set(weights.tensors)})
+    reshaped = sorted(
+        f"{original_name(name)} {list(weights.tensors[name].shape)} (needs {list(expected[name].shape)})"
+        for name in set(expected) & set(weights.tensors) if weights.tensors[name].shape != expected[name].shape
+    )
+    if missing or weights.unknown or reshaped:
         looks_like = f"; the file looks like {detected}" if detected and detected != spec else ""
         raise InputError(
-            f"{path.name} does not fit {spec} ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(reshaped)} wrongly shaped tensors){looks_like}"
+            f"{path.name} does not fit {spec}: {_listed('missing', missing)}, "
+            f"{_listed('unexpected', weights.unknown)}, {_listed('wrongly shaped', reshaped)}{looks_like}"
         )
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict({name: tensor.float() for name, tensor in weights.tensors.items()}, strict=True,
+                          assign=True)
+
+
+def _listed(kind: str, names: list[str]) -> str:
+    if not names:
+        return f"0 {kind}"
+    more = f", ... {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
+    return f"{len(names)} {kind} ({', '.join(names[:_NAMES_SHOWN])}{more})"
 
 
 def random_sam2(model_size: str = "tiny", seed: int = 0, version: str = "2.1") -> Sam2Encoder:
-    """A randomly initialised SAM2 (from the shipped config) on CPU, for tests and the speed benchmark.
+    """A randomly initialised SAM2 (transformers' initialisation) on CPU, for tests and the benchmarks.
 
     Args:
         model_size: tiny / small / base_plus / large.
@@ -277,5 +306,5 @@ def random_sam2(model_size: str = "tiny", seed: int = 0, version: str = "2.1") -
     spec = Sam2Spec(version, size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_sam2_model(spec)
+        model = build_sam2_model(size)
     return Sam2Encoder(model.eval(), spec)

@@ -11,7 +11,7 @@ from adaptivedrag_core.bench.estimate import CostCounter, EstimateConfig, estima
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.models import tiny_sd_components
 
-STAGES = ["prepare", "lora", "inversion", "reference", "drag_start", "drag", "sampling", "vae_decode"]
+STAGES = ["prepare", "lora", "lora_merge", "inversion", "reference", "drag_start", "drag", "sampling", "vae_decode"]
 # 2 inversion and sampling steps, no SAM2 stage
 SMALL = dict(size=64, num_steps=4, strength=0.5, lora_steps=10, drag_steps=20, sam2_size="none")
 
@@ -88,6 +88,7 @@ def test_flops_follow_the_passes_each_step_makes():
     flops = _flops(_estimate())
     forward = flops["inversion"]
     assert flops["reference"] == pytest.approx(forward, rel=0.01)  # one forward per step, no gradient
+    assert 0 < flops["lora_merge"] < 0.2 * forward  # one small product per projection, not a pass
     assert flops["drag_start"] == pytest.approx(forward, rel=0.05)  # one forward (and the feature resize)
     # A backward pass for the input's gradient costs up to one forward more (less: the first layers need none),
     # and one for the weights' gradients on top: LoRA's are small.

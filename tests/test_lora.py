@@ -1,12 +1,14 @@
 """Identity LoRA: training, the identity_lora context, and saving/loading, on the tiny SD1.x model."""
 
+import copy
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adaptivedrag_core.errors import InputError
-from adaptivedrag_core.lora import identity_lora, load_lora, save_lora, train_identity_lora
+from adaptivedrag_core.lora import identity_lora, load_lora, lora_in_training, save_lora, train_identity_lora
 from adaptivedrag_core.models import SD15_SCHEDULER_CONFIG, encode_prompt, tiny_sd_components
 
 STEPS = 8
@@ -42,7 +44,7 @@ def trained(tiny, image):
 
 def _prediction(unet, image):
     latent, context = image
-    noisy = torch.randn(latent.shape, generator=torch.Generator().manual_seed(11))
+    noisy = torch.randn(latent.shape, generator=torch.Generator().manual_seed(11)).to(latent.dtype)
     with torch.no_grad():
         return unet(noisy, 300, encoder_hidden_states=context).sample
 
@@ -117,28 +119,45 @@ def test_identity_lora_restores_the_unet_after_an_error(tiny, trained, image):
     _assert_unet_as_before(tiny.unet, before, image)
 
 
-def test_entering_again_with_the_same_state_reuses_its_layers(tiny, trained, image):
-    _, state, _ = trained
-    path = next(name for name, _ in tiny.unet.named_modules() if name.endswith("attn1.to_q"))
-    with identity_lora(tiny.unet, state):
-        first_layer, first_output = tiny.unet.get_submodule(path), _prediction(tiny.unet, image)
-    with identity_lora(tiny.unet, state):
-        assert tiny.unet.get_submodule(path) is first_layer
-        assert torch.equal(_prediction(tiny.unet, image), first_output)
-    copied = {key: value.clone() for key, value in state.items()}
-    with identity_lora(tiny.unet, copied):
-        assert tiny.unet.get_submodule(path) is not first_layer
-        assert torch.equal(_prediction(tiny.unet, image), first_output)
+def _unmerged_prediction(unet, state, image):
+    """The prediction with peft's LoRA layers on the UNet (the unmerged arithmetic), as a reference."""
+    rank = next(value for key, value in state.items() if key.endswith("lora_A.weight")).shape[0]
+    with torch.inference_mode(False), lora_in_training(unet, rank, seed=0) as (layers, _):
+        with torch.no_grad():
+            for path, layer in layers.items():
+                layer.lora_A["identity"].weight.copy_(state[f"{path}.lora_A.weight"])
+                layer.lora_B["identity"].weight.copy_(state[f"{path}.lora_B.weight"])
+            return _prediction(unet, image)
 
 
-def test_identity_lora_keeps_requires_grad_flags(tiny, trained):
+def test_merged_lora_matches_the_unmerged_layers(tiny, trained, image):
     _, state, _ = trained
-    fresh_state = {key: value.clone() for key, value in state.items()}  # not cached yet: peft injects anew
+    with identity_lora(tiny.unet, state):
+        merged = _prediction(tiny.unet, image)
+    unmerged = _unmerged_prediction(tiny.unet, state, image)
+    assert torch.allclose(merged, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_merged_lora_in_half_precision_stays_close(tiny, trained, image):
+    _, state, _ = trained
+    unet = copy.deepcopy(tiny.unet).half()
+    half_image = tuple(x.half() for x in image)
+    with identity_lora(unet, state):
+        merged = _prediction(unet, half_image).float()
+    unmerged = _unmerged_prediction(unet, state, half_image).float()
+    assert ((merged - unmerged).abs().max() / unmerged.abs().max()) < 5e-3
+
+
+def test_identity_lora_puts_back_the_same_weight_tensors(tiny, trained):
+    _, state, _ = trained
+    projections = {name: module for name, module in tiny.unet.named_modules() if name.endswith("attn1.to_q")}
+    weights = {name: module.weight for name, module in projections.items()}
     tiny.unet.requires_grad_(True)
     try:
-        with identity_lora(tiny.unet, fresh_state):
-            lora_weights = [p for name, p in tiny.unet.named_parameters() if "lora_" in name]
-            assert lora_weights and not any(p.requires_grad for p in lora_weights)
+        with identity_lora(tiny.unet, state):
+            assert all(module.weight is not weights[name] for name, module in projections.items())
+            assert not any(module.weight.requires_grad for module in projections.values())
+        assert all(module.weight is weights[name] for name, module in projections.items())
         assert all(parameter.requires_grad for parameter in tiny.unet.parameters())
     finally:
         tiny.unet.requires_grad_(False)
@@ -219,6 +238,18 @@ def test_load_missing_or_invalid_files(tmp_path):
     save_file({"conv.weight": torch.zeros(2, 2)}, str(not_lora))
     with pytest.raises(InputError, match="weights.safetensors is not a LoRA state"):
         load_lora(not_lora)
+
+
+def test_a_lora_file_with_nan_weights_is_refused(trained, tmp_path):
+    _, state, _ = trained
+    broken = dict(state)
+    name = sorted(broken)[0]
+    broken[name] = broken[name].clone()
+    broken[name][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(broken, str(path))
+    with pytest.raises(InputError, match=f"nan.safetensors: its weight '{name}' holds NaN"):
+        load_lora(path)
 
 
 def test_gradient_checkpointing_trains_the_same_weights_and_is_switched_off_after(tiny, image, trained):

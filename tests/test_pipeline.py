@@ -192,3 +192,101 @@ def test_the_pipeline_trains_the_lora_with_the_checkpointing_setting(monkeypatch
     pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size),
                   _settings(lora_gradient_checkpointing=setting))
     assert seen == [setting]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(guidance_scale=NAN), "guidance_scale"), (dict(guidance_scale=INF), "guidance_scale"),
+    (dict(closs_weight=INF), "closs_weight"), (dict(closs_weight=-1.0), "closs_weight"),
+    (dict(closs_weight=NAN), "closs_weight"), (dict(closs_kind="nope"), "CLoss kind"),
+    (dict(drag_options={"lr": INF}), "lr"), (dict(drag_options={"lam": INF}), "lam"),
+    (dict(drag_options={"nope": 1}), "unknown option"), (dict(drag_options={"max_steps": 0}), "max_steps"),
+    (dict(strength=1.5), "strength"), (dict(strength=NAN), "strength"), (dict(strength=0.0), "strength"),
+    (dict(num_steps=0), "num_steps"), (dict(num_steps=1001), "num_steps"), (dict(num_steps=2.5), "num_steps"),
+    (dict(work_size=4), "work_size"), (dict(lora_steps=-1), "lora_steps"), (dict(lora_rank=0), "lora_rank"),
+    (dict(lora_lr=NAN), "lora_lr"), (dict(lora_lr=0.0), "lora_lr"), (dict(lora_batch_size=0), "lora_batch_size"),
+    (dict(seed=-1), "seed"), (dict(feature_scale=0.0), "feature_scale"), (dict(feature_block=7), "feature_block"),
+    (dict(reference_start_layer=-1), "reference_start_layer"), (dict(reference_start_step=INF), "reference_start_step"),
+    (dict(lora_gradient_checkpointing="yes"), "lora_gradient_checkpointing"),
+])
+def test_every_setting_is_checked_before_any_stage_runs(pipeline, monkeypatch, overrides, message):
+    import adaptivedrag_core.pipeline as pipeline_module
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("a stage started although a setting is bad")
+
+    monkeypatch.setattr(pipeline_module, "prepare_image", must_not_start)
+    monkeypatch.setattr(lora_module, "train_identity_lora", must_not_start)
+    image = _picture()
+    with pytest.raises(InputError, match=message):
+        pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), _settings(**overrides))
+
+
+def test_validate_accepts_the_defaults_and_the_papers_options():
+    for method in ("adaptive", "freedrag", "dragdiffusion"):
+        assert EditSettings(method=method, drag_options=step_budget(method, 10)).validate().method == method
+    assert EditSettings(lora_steps=0, closs_weight=0.0, guidance_scale=7.5).validate().lora_steps == 0
+
+
+def test_damaged_cache_entries_are_reported_and_computed_again(tmp_path):
+    from adaptivedrag_core.cache import CacheWarning
+    from adaptivedrag_core.lora import load_lora
+
+    image = _picture()
+    points = DragPoints.from_pairs(["10,10:20,12"], *image.size)
+    expected = DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path).edit(
+        image, points, _settings())
+    entries = sorted(tmp_path.iterdir())
+    for entry in entries:  # as a killed write or a full disk leaves them
+        entry.write_bytes(entry.read_bytes()[:100])
+    with pytest.warns(CacheWarning, match="computing it again") as seen:
+        result = DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path).edit(
+            image, points, _settings())
+    # Only the two damaged entries warn (the adaptive default's auto mask adds its no-SAM2 warning besides).
+    assert len([w for w in seen if issubclass(w.category, CacheWarning)]) == 2 and result.reused == []
+    assert np.array_equal(np.asarray(result.image), np.asarray(expected.image))
+    assert sorted(tmp_path.iterdir()) == entries
+    load_lora(next(p for p in entries if p.name.startswith("lora-")))  # rewritten whole
+
+
+def test_an_interrupted_cache_write_leaves_no_entry(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def killed_while_writing(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as file:
+            file.write(b"\x08\x00\x00")
+        raise KeyboardInterrupt
+
+    image = _picture()
+    pipeline = DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path)
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), _settings(lora_steps=0))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_given_lora_reuses_no_inversion_of_another_image(tmp_path):
+    lora = DragPipeline(tiny_sd_components(seed=0), model_id="tiny").edit(
+        _picture(), DragPoints.from_pairs(["10,10:20,12"], 45, 38), _settings()).lora
+    pipeline = DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path)
+    first = pipeline.edit(_picture(), DragPoints.from_pairs(["10,10:20,12"], 45, 38), _settings(), lora=lora)
+    other = Image.fromarray(255 - np.asarray(_picture()))
+    pipeline.clear_cache()
+    second = pipeline.edit(other, DragPoints.from_pairs(["10,10:20,12"], 45, 38), _settings(), lora=lora)
+    assert first.reused == [] and second.reused == []
+
+
+def test_the_dtype_is_part_of_every_cache_key(tmp_path):
+    image = _picture()
+    points = DragPoints.from_pairs(["10,10:20,12"], *image.size)
+    DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path).edit(image, points, _settings())
+    half = DragPipeline(tiny_sd_components(seed=0), dtype=torch.float16, model_id="tiny", cache_dir=tmp_path)
+    assert half.edit(image, points, _settings()).reused == []
+
+
+def test_a_cache_folder_that_is_a_file_stops_the_pipeline_before_any_work(tmp_path):
+    (tmp_path / "cache").write_bytes(b"")
+    with pytest.raises(InputError, match="not a folder"):
+        DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path / "cache")

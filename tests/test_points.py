@@ -81,3 +81,42 @@ def test_grid_mapping_is_pixel_centre_aligned():
     handles, targets = points.to_grid(64, 32)
     assert handles[0] == (31.5, 15.5)
     assert targets[0] == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 50_000 + "]" * 50_000, "nested too deeply"),
+    ('{"version": 1, "width": 4, "height": 4, "pairs": [{"handle": [1' + "0" * 400 + ', 1], "target": [2, 2]}]}',
+     "handle"),
+    ('{"version": 1, "width": 1' + "0" * 5000 + ', "height": 4, "pairs": []}', "drag points"),
+    ('{"version": 1, "width": 4, "height": 4, "pairs": [], "pad": "' + "x" * 100_000 + '"}', "too long"),
+    ('{"version": 1, "width": 65537, "height": 4, "pairs": [{"handle": [1, 1], "target": [2, 2]}]}', "65536"),
+])
+def test_hostile_json_raises_only_points_error(text, message):
+    with pytest.raises(PointsError, match=message):
+        DragPoints.from_json(text)
+
+
+def test_pairs_are_capped_like_the_widget():
+    with pytest.raises(PointsError, match="too many drag pairs: 257"):
+        DragPoints.from_pairs(["1,1:2,2"] * 257, 64, 48)
+    assert len(DragPoints.from_pairs(["1,1:2,2"] * 256, 64, 48)) == 256
+    with pytest.raises(PointsError, match="at most 65536"):
+        DragPoints.from_pairs(["1,1:2,2"], 70_000, 48)
+
+
+def test_huge_numbers_in_any_form_are_a_points_error():
+    with pytest.raises(PointsError):
+        DragPoints.from_flat([10**400, 1, 2, 2], 64, 48)
+    with pytest.raises(PointsError):
+        DragPoints.from_pairs(["1" * 5000 + ",1:2,2"], 64, 48)
+
+
+def test_python_caps_match_the_widget():
+    from pathlib import Path
+
+    from adaptivedrag_core import points
+
+    widget = (Path(__file__).resolve().parents[1] / "web" / "points_model.js").read_text(encoding="utf-8")
+    for name, value in (("maxTextLength", points.MAX_TEXT_LENGTH), ("maxPairs", points.MAX_PAIRS),
+                        ("maxSide", points.MAX_SIDE), ("maxDepth", points.MAX_DEPTH)):
+        assert f"{name}: {value:_}," in widget or f"{name}: {value}," in widget, name

@@ -1,24 +1,29 @@
-"""Loading SAM2 offline: size and version from names and weights, .pt and .safetensors files written from a
-random-init tiny model, clear errors, and the ``mask`` CLI running SAM2's feature path from a checkpoint."""
+"""Loading SAM2 offline: size and version from names and weights, .pt and .safetensors files with Meta's tensor
+names (written from a random-init tiny model of the sam2 package), clear errors naming the tensors, and the ``mask``
+CLI running SAM2's feature path from a checkpoint in a process where the sam2 package cannot be imported."""
 
 import argparse
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from sam2_reference import reference_model
 
-from adaptivedrag_core.cli_mask import add_parser
+import adaptivedrag_core
 from adaptivedrag_core.errors import InputError
+from adaptivedrag_core.sam2_keys import to_transformers
 from adaptivedrag_core.sam2_loader import (
     Sam2Spec,
     detect_spec,
     load_sam2,
     parse_model_name,
     parse_model_size,
-    random_sam2,
 )
 
 
@@ -57,7 +62,8 @@ def test_unknown_explicit_size_is_an_input_error():
 # ------------------------------------------------------------------ files written from a random tiny model
 @pytest.fixture(scope="module")
 def tiny_state_dict():
-    return random_sam2("tiny", seed=1).model.state_dict()
+    """Meta's names, video-tracking tensors included, as in the official SAM2.1 files."""
+    return reference_model("tiny", seed=1).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +93,11 @@ def test_load_pt(checkpoints, tiny_state_dict):
     encoder = load_sam2(checkpoints["pt"])
     assert encoder.spec == Sam2Spec("2.1", "tiny")
     loaded = encoder.model.state_dict()
-    assert set(loaded) == set(tiny_state_dict)
-    for key, value in tiny_state_dict.items():
+    expected = to_transformers(tiny_state_dict).tensors
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
+    assert not any(tensor.is_meta for tensor in loaded.values())
     assert not encoder.model.training
 
 
@@ -97,9 +105,9 @@ def test_load_fp16_safetensors(checkpoints, tiny_state_dict):
     encoder = load_sam2(checkpoints["safetensors"])
     assert encoder.spec == Sam2Spec("2.1", "tiny")
     loaded = encoder.model.state_dict()
-    for key, value in tiny_state_dict.items():
-        assert loaded[key].dtype == value.dtype
-        assert torch.equal(loaded[key], value.half().to(value.dtype)), key
+    for key, value in to_transformers(tiny_state_dict).tensors.items():
+        assert loaded[key].dtype == torch.float32
+        assert torch.equal(loaded[key], value.half().float()), key
 
 
 def test_size_from_the_weights_when_the_name_does_not_say(checkpoints):
@@ -107,12 +115,38 @@ def test_size_from_the_weights_when_the_name_does_not_say(checkpoints):
     assert load_sam2(unnamed).spec == Sam2Spec("2.1", "tiny")
 
 
-def test_mismatched_size_says_what_the_file_looks_like(checkpoints):
+def test_mismatched_size_names_the_tensors_and_says_what_the_file_looks_like(checkpoints):
+    # Small is tiny with four more blocks in its third stage: tiny's last stage sits where small's third goes on.
     misnamed = named_copy(checkpoints["pt"], checkpoints["folder"], "sam2.1_hiera_small.pt")
-    with pytest.raises(InputError, match=r"does not fit SAM2\.1 small .*looks like SAM2\.1 tiny"):
+    with pytest.raises(InputError, match=r"does not fit SAM2\.1 small: 50 missing \(image_encoder\.trunk\.blocks\.12\."
+                                         r".*\), 0 unexpected, 22 wrongly shaped \(image_encoder\.trunk\.blocks\.10\."
+                                         r".*\); the file looks like SAM2\.1 tiny$"):
         load_sam2(misnamed)
-    with pytest.raises(InputError, match=r"does not fit SAM2 tiny .*looks like SAM2\.1 tiny"):
-        load_sam2(checkpoints["pt"], model_size="sam2_tiny")
+    with pytest.raises(InputError, match=r"does not fit SAM2\.1 large: .*wrongly shaped \(image_encoder\.neck\.convs\.0"
+                                         r"\.conv\.weight \[256, 768, 1, 1\] \(needs \[256, 1152, 1, 1\]\).*looks like "
+                                         r"SAM2\.1 tiny"):
+        load_sam2(checkpoints["pt"], model_size="large")
+
+
+def test_unknown_missing_and_misshaped_tensors_are_named(tiny_state_dict, tmp_path):
+    broken = {key: value.half() for key, value in tiny_state_dict.items() if key != "no_mem_embed"}
+    broken["extra_head.weight"] = torch.zeros(3)
+    broken["image_encoder.neck.convs.0.conv.bias"] = torch.zeros(255)
+    path = tmp_path / "sam2.1_hiera_tiny.safetensors"
+    save_file(broken, str(path))
+    with pytest.raises(InputError) as error:
+        load_sam2(path)
+    assert str(error.value) == (
+        "sam2.1_hiera_tiny.safetensors does not fit SAM2.1 tiny: 1 missing (no_mem_embed), 1 unexpected "
+        "(extra_head.weight), 1 wrongly shaped (image_encoder.neck.convs.0.conv.bias [255] (needs [256]))"
+    )
+
+
+def test_a_file_without_the_video_tensors_loads(tiny_state_dict, tmp_path):
+    path = tmp_path / "sam2_hiera_tiny.safetensors"
+    save_file({key: value for key, value in tiny_state_dict.items()
+               if key.startswith(("image_encoder.", "sam_", "no_mem_embed"))}, str(path))
+    assert load_sam2(path).spec == Sam2Spec("2", "tiny")
 
 
 def test_missing_or_foreign_files_are_input_errors(tmp_path):
@@ -135,24 +169,47 @@ def test_missing_or_foreign_files_are_input_errors(tmp_path):
 
 
 # ------------------------------------------------------------------ CLI, SAM2 features path
-def test_cli_mask_with_a_sam2_checkpoint(checkpoints, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
+# Makes ``import sam2`` (and its config libraries) fail, as where the optional package is not installed.
+WITHOUT_SAM2 = "import sys; sys.modules.update(dict.fromkeys(['sam2', 'hydra', 'omegaconf', 'iopath']))"
+
+
+def run_cli_without_sam2(argv):
+    """The CLI in a fresh process where the sam2 package cannot be imported."""
+    script = f"{WITHOUT_SAM2}; from adaptivedrag_core.cli import main; sys.exit(main(sys.argv[1:]))"
+    package_root = Path(adaptivedrag_core.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_cli_mask_with_a_sam2_checkpoint_needs_no_sam2_package(checkpoints, tmp_path):
     image = tmp_path / "in.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)).save(image)
     out, regions_out = tmp_path / "mask.png", tmp_path / "regions.png"
-    args = parser.parse_args(["mask", str(image), "--drag", "10,12:30,20", "--sam2", str(checkpoints["pt"]),
-                              "--device", "cpu", "--n-segments", "20", "--out", str(out),
-                              "--regions-out", str(regions_out)])
-    assert args.run(args) == 0
-    captured = capsys.readouterr()
-    assert "warning" not in captured.err  # SAM2 features, no Lab fallback
-    assert "SLIC" in captured.out
+    done = run_cli_without_sam2(["mask", image, "--drag", "10,12:30,20", "--sam2", checkpoints["pt"], "--device", "cpu",
+                                 "--n-segments", "20", "--out", out, "--regions-out", regions_out])
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr  # SAM2 features, no Lab fallback
+    assert "SLIC" in done.stdout
     mask = np.asarray(Image.open(out)) == 255
     regions = np.asarray(Image.open(regions_out))
     assert mask.shape == regions.shape == (40, 56)
     assert mask[12, 10] and mask[20, 30] and not mask.all()
+
+
+def test_sam_masks_variant_without_the_sam2_package_says_so(checkpoints, tmp_path, capsys, monkeypatch):
+    from adaptivedrag_core import sam2_generator
+    from adaptivedrag_core.cli import main
+
+    monkeypatch.setattr(sam2_generator, "sam2_installed", lambda: False)
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((40, 56, 3), dtype=np.uint8)).save(image)
+    assert main(["mask", str(image), "--drag", "10,12:30,20", "--sam2", str(checkpoints["pt"]), "--variant",
+                 "sam_masks", "--out", str(tmp_path / "mask.png")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {sam2_generator.MISSING_PACKAGE}\n" and "pip install sam2" in err
+    assert not (tmp_path / "mask.png").exists()
 
 
 class _MovingModel(torch.nn.Linear):

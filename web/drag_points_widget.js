@@ -324,8 +324,9 @@ class DragPointsWidget {
     if (event.button !== 0) return;
     event.preventDefault();
     if (ref) {
-      if (this.model.beginDrag(ref)) {
-        this.dragRef = ref;
+      const dragRef = this.model.beginDrag(ref);
+      if (dragRef) {
+        this.dragRef = dragRef;
         this.canvas.setPointerCapture?.(event.pointerId);
         this.render();
       }
@@ -446,6 +447,7 @@ class DragPointsWidget {
   message() {
     const m = this.model;
     if (m.error) return { text: `Points ignored: ${m.error}`, color: STYLE.error };
+    if (m.notice) return { text: `Note: ${m.notice}`, color: STYLE.warning };
     if (m.sizeMismatch) {
       const rescale = this.node.widgets?.find((w) => w.name === RESCALE_WIDGET)?.value === true;
       const outcome = rescale ? "they are rescaled when run" : "the run fails unless rescale is on";
@@ -457,7 +459,12 @@ class DragPointsWidget {
       };
     }
     if (!this.image) {
-      return { text: "Connect a Load Image node (or run once) to show the image, then click to place points.", color: STYLE.text };
+      return {
+        text:
+          "No image yet. A Load Image picture shows here at once; for any other image, queue once: Drag Points " +
+          "then shows the image it receives. Then click to place points.",
+        color: STYLE.text,
+      };
     }
     return null;
   }

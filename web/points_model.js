@@ -317,7 +317,8 @@ export function hitTest(x, y, pairs, pending, layout, radius) {
  * and an undo stack. Positions passed in are pixels of the image on display (`setImageSize`).
  *
  * When the stored points were placed on an image of another size, they are shown rescaled and
- * `sizeMismatch` says so; the first edit moves the whole set onto the displayed image.
+ * `sizeMismatch` says so; the first edit moves the whole set onto the displayed image. A pair whose handle
+ * and target land on the same pixel there is dropped alone, and `notice` says which (until the next edit).
  */
 export class PointsEditorModel {
   constructor() {
@@ -329,6 +330,7 @@ export class PointsEditorModel {
     this.imageWidth = null; // size of the image on display
     this.imageHeight = null;
     this.error = null;
+    this.notice = null;
     this.undoStack = [];
     this.dragStart = null;
   }
@@ -340,6 +342,7 @@ export class PointsEditorModel {
   load(text) {
     const { points, error } = parsePointsJson(text);
     this.error = error;
+    this.notice = null;
     this.width = points ? points.width : this.imageWidth;
     this.height = points ? points.height : this.imageHeight;
     this.pairs = points ? [...points.pairs] : [];
@@ -417,13 +420,25 @@ export class PointsEditorModel {
     return true;
   }
 
-  /** Start dragging the point `ref` (from `hitTest`); the whole drag is one undo step. */
+  /**
+   * Start dragging the point `ref` (from `hitTest`); the whole drag is one undo step.
+   * Returns the reference to pass to `dragTo`: `ref` itself, or its pair's new index once the set has moved
+   * onto the displayed image and dropped pairs before it. False when nothing can be dragged (no image, an
+   * unknown point, or a pair whose points fall together on the displayed image).
+   */
   beginDrag(ref) {
     if (!this.canEdit() || !this.isValidRef(ref)) return false;
+    let moved = ref;
+    if (!ref.pending) {
+      const dropped = this.collidingPairs();
+      if (dropped.has(ref.pair)) return false;
+      moved = { ...ref, pair: ref.pair - [...dropped].filter((index) => index < ref.pair).length };
+    }
     this.dragStart = this.snapshot();
+    this.notice = null;
     this.adoptDisplayedSize();
-    if (!ref.pending) this.selected = ref.pair;
-    return true;
+    if (!moved.pending) this.selected = moved.pair;
+    return moved;
   }
 
   /** Move the dragged point to image pixel `point`. A point may not land on its partner. */
@@ -491,6 +506,7 @@ export class PointsEditorModel {
     const previous = this.undoStack.pop();
     if (!previous) return false;
     this.restore(previous);
+    this.notice = null;
     return true;
   }
 
@@ -510,14 +526,31 @@ export class PointsEditorModel {
   }
 
   // Editing on a displayed image of another size moves the set onto that image, so what is stored
-  // matches what the user sees.
+  // matches what the user sees. A pair that would become handle == target there (points.py rejects the
+  // whole set for one such pair) is dropped, and only that pair.
   adoptDisplayedSize() {
     if (!this.sizeMismatch) return;
     const { pairs, pending } = this.displayPoints();
-    this.pairs = pairs;
+    const dropped = this.collidingPairs();
+    this.pairs = pairs.filter((_, index) => !dropped.has(index));
+    if (dropped.size > 0) {
+      const numbers = [...dropped].map((index) => index + 1).join(", ");
+      const several = dropped.size > 1;
+      this.notice =
+        `pair${several ? "s" : ""} ${numbers} ${several ? "were" : "was"} removed: handle and target fall on ` +
+        `the same pixel of this ${this.imageWidth}x${this.imageHeight} image`;
+      this.selected = -1;
+    }
     this.pending = pending && Object.freeze(pending);
     this.width = this.imageWidth;
     this.height = this.imageHeight;
+  }
+
+  // Indices of the pairs whose handle and target land on the same pixel of the displayed image.
+  collidingPairs() {
+    if (!this.sizeMismatch) return new Set();
+    const colliding = this.displayPoints().pairs.map((pair, index) => (samePoint(pair.handle, pair.target) ? index : -1));
+    return new Set(colliding.filter((index) => index >= 0));
   }
 
   snapshot() {
@@ -532,10 +565,12 @@ export class PointsEditorModel {
     this.selected = Math.min(state.selected, state.pairs.length - 1);
   }
 
-  // Every edit starts here; an edit replaces whatever malformed text was loaded, so its error goes.
+  // Every edit starts here; an edit replaces whatever malformed text was loaded, so its error goes,
+  // and the notice of an earlier edit with it.
   remember() {
     this.pushUndo(this.snapshot());
     this.error = null;
+    this.notice = null;
   }
 
   pushUndo(state) {

@@ -19,12 +19,15 @@ The stages are the pipeline's own functions (``train_identity_lora``'s loop, ``d
   the image size, and x_{t-1} for the mask term), keeping the starting features as ``drag()`` keeps them, with
   a plain stand-in for the motion-supervision loss: ``drag()``'s point tracking needs values.
 
+``lora_merge`` is ``identity_lora`` merging the LoRA into the projection weights, once per edit (and per
+re-drag): its peak holds the merged copies beside the originals, as every later stage does.
+
 Per-step figures are scaled to the edit's step counts (``lora_steps``, ``drag_steps``) for the totals.
 
 Before the edit, ``sam2_features`` is the auto mask's SAM2 image encoder (random-init SAM2 of ``sam2_size``, float32,
-on a 1024x1024 input: ``forward_image``, the bulk of ``Sam2Encoder.features``) with the SD1.5 weights already on
-the device, as in the speed benchmark; SAM2 then leaves the device (``sam2_loader.sam2_on``), so the edit's stages
-are counted without it.
+on a 1024x1024 input: ``Sam2Encoder.embeddings``, the bulk of ``Sam2Encoder.features``) with the SD1.5 weights
+already on the device, as in the speed benchmark; SAM2 then leaves the device (``sam2_loader.sam2_on``), so the
+edit's stages are counted without it.
 
 Attention runs as the fused (flash) kernel a CUDA GPU uses for SD1.5 in half precision: on ``meta``, PyTorch
 would pick the unfused path, which keeps every attention matrix (4096 x 4096 per head at 512 px).
@@ -70,7 +73,7 @@ from ..pipeline import (
     feature_grid_size,
     place_module,
 )
-from ..sam2_loader import random_sam2
+from ..sam2_loader import Sam2Encoder, random_sam2
 from ..sampling import record_reference, sample_dragged
 from .speed import SAM2_SIZES, TARGETS, check_bench_edit
 
@@ -265,7 +268,9 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
         counter.track_module(module)
     weights = counter.live
     meter = StageMeter(counter)
-    sam2 = None if config.sam2_size == "none" else random_sam2(config.sam2_size).model.to(device)
+    sam2 = None if config.sam2_size == "none" else random_sam2(config.sam2_size)
+    if sam2 is not None:
+        sam2.model.to(device)
     with fused_attention(), counter:
         if sam2 is not None:
             _sam2_features(sam2, meter)
@@ -274,7 +279,7 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
     stages = meter.stages
     peak_stage = max(stages, key=lambda name: stages[name].peak_bytes)
     peak = stages[peak_stage].peak_bytes
-    re_drag = ("drag_start", "drag", "sampling", "vae_decode")
+    re_drag = ("lora_merge", "drag_start", "drag", "sampling", "vae_decode")
     return {
         "estimate": f"{device.type}-device run with live-tensor bytes and FLOP counts (no GPU): see bench/estimate.py",
         "settings": {**asdict(config), "closs": settings.use_closs},
@@ -296,12 +301,10 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
     }
 
 
-def _sam2_features(sam2: torch.nn.Module, meter: StageMeter) -> None:
+def _sam2_features(sam2: Sam2Encoder, meter: StageMeter) -> None:
     """SAM2's image encoder on its 1024x1024 input, the weights counted while they are on the device."""
-    meter.counter.track_module(sam2)
-    side = sam2.image_size
-    with torch.no_grad():
-        sam2.forward_image(torch.zeros(1, 3, side, side, device=next(sam2.parameters()).device))
+    meter.counter.track_module(sam2.model)
+    sam2.embeddings(torch.zeros(1, 3, *sam2.input_size, device=next(sam2.model.parameters()).device))
     meter.lap("sam2_features")
 
 
@@ -328,6 +331,7 @@ def _edit_stages(components: SDComponents, config: EstimateConfig, settings: Edi
     schedule = make_schedule(components.make_scheduler(), settings.num_steps, settings.strength)
     steps = len(schedule.timesteps)
     with identity_lora(components.unet, lora):
+        meter.lap("lora_merge")  # once per edit; the merged weights stay alive through sampling
         inverted = ddim_invert(unet_noise_fn(components.unet, text_embeddings), clean, schedule)
         meter.lap("inversion", steps, steps)
         reference = record_reference(components.unet, text_embeddings, schedule, inverted,

@@ -7,6 +7,7 @@ Coordinates are (x, y) in feature-map pixels, pixel centres at integers (x in [0
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -61,10 +62,10 @@ def parse_options(options_class, given: dict, method: str):
 
 
 def require_positive(**values) -> None:
-    """Raise InputError unless every given option value is a number > 0."""
+    """Raise InputError unless every given option value is a finite number > 0."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise InputError(f"option {name} must be a positive number, got {value!r}")
+        if not is_finite_number(value) or not value > 0:
+            raise InputError(f"option {name} must be a positive number (finite), got {value!r}")
 
 
 def require_whole(**values) -> None:
@@ -75,10 +76,15 @@ def require_whole(**values) -> None:
 
 
 def require_non_negative(**values) -> None:
-    """Raise InputError unless every given option value is a number >= 0."""
+    """Raise InputError unless every given option value is a finite number >= 0."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise InputError(f"option {name} must be a number >= 0, got {value!r}")
+        if not is_finite_number(value) or not value >= 0:
+            raise InputError(f"option {name} must be a finite number >= 0, got {value!r}")
+
+
+def is_finite_number(value) -> bool:
+    """A real number (not a bool), neither infinite nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------------------------- problem

@@ -355,3 +355,61 @@ test("without an image on display nothing can be placed, and stored points keep 
   assert.equal(model.beginDrag({ pair: 0, role: "handle" }), false);
   assert.equal(JSON.parse(model.toJson()).width, 50);
 });
+
+test("editing on a smaller image drops only the pairs whose points fall together, and says so", () => {
+  const model = new PointsEditorModel();
+  model.load(
+    pointsJson(640, 480, [
+      { handle: [0, 0], target: [1, 0] }, // one pixel apart: both land on pixel (0, 0) of a 64x48 image
+      { handle: [100, 100], target: [300, 200] },
+    ]),
+  );
+  model.setImageSize(64, 48);
+  assert.equal(model.click([30, 30]), true);
+  assert.equal(model.pairCount, 1, "the colliding pair alone is dropped");
+  assert.match(model.notice, /pair 1 was removed/);
+  const stored = model.toJson();
+  const { points, error } = parsePointsJson(stored);
+  assert.equal(error, null, "what is stored loads again");
+  assert.equal(points.pairs.length, 1);
+  assert.deepEqual(points.pairs[0].handle, rescalePoint([100, 100], 640, 480, 64, 48));
+
+  model.click([40, 30]);
+  assert.equal(model.notice, null, "the message goes with the next edit");
+  model.undo();
+  model.undo();
+  assert.equal(model.pairCount, 2, "undo brings the dropped pair back on its own image");
+  assert.equal(JSON.parse(model.toJson()).width, 640);
+});
+
+test("the issue's repro keeps a loadable point set", () => {
+  const model = new PointsEditorModel();
+  model.load(pointsJson(640, 480, [{ handle: [0, 0], target: [1, 0] }]));
+  model.setImageSize(64, 48);
+  model.click([30, 30]);
+  const reloaded = new PointsEditorModel();
+  assert.equal(reloaded.load(model.toJson()), null);
+  assert.equal(reloaded.width, 64);
+});
+
+test("dragging after the set moves onto a smaller image follows the dragged pair's new index", () => {
+  const model = new PointsEditorModel();
+  model.load(
+    pointsJson(640, 480, [
+      { handle: [0, 0], target: [1, 0] },
+      { handle: [100, 100], target: [300, 200] },
+    ]),
+  );
+  model.setImageSize(64, 48);
+  assert.equal(model.beginDrag({ pair: 0, role: "handle" }), false, "a pair that falls together cannot be dragged");
+  const ref = model.beginDrag({ pair: 1, role: "target" });
+  assert.deepEqual(ref, { pair: 0, role: "target" });
+  assert.equal(model.dragTo(ref, [50, 40]), true);
+  model.endDrag();
+  assert.deepEqual(JSON.parse(model.toJson()).pairs, [
+    { handle: rescalePoint([100, 100], 640, 480, 64, 48), target: [50, 40] },
+  ]);
+  assert.match(model.notice, /pair 1 was removed/);
+  model.undo();
+  assert.equal(model.pairCount, 2);
+});
