@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from adaptivedrag_core.drag.closs import CLOSS_KINDS
+from adaptivedrag_core.images import resize_labels
 from adaptivedrag_core.pipeline import EditSettings
 from adaptivedrag_core.preview import side_by_side
 from adaptivedrag_core.sampling import CLossSettings, record_reference, sample_dragged
@@ -47,6 +48,8 @@ def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0
     inversion = dragged.inversion
     latent_h, latent_w = inversion.clean_latent.shape[-2:]
     handles, targets = dragged.points.to_grid(latent_w, latent_h)
+    # CLoss changes the latent only near the targets and, as the drag did, inside the drag's mask.
+    mask = None if dragged.mask is None else torch.from_numpy(resize_labels(dragged.mask, latent_w, latent_h))
     settings = CLossSettings(weight=closs_weight, kind=closs_kind) if closs else None
     progress = node_progress()
     with bridged_model(inversion.model, trainable=closs, stage="sampling", latent=inversion.clean_latent) as core:
@@ -59,7 +62,8 @@ def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0
             latent = sample_dragged(core.unet, embeddings, inversion.schedule, dragged.latent.to(device),
                                     reference.to(device), reference_start_layer, reference_start_step,
                                     closs=settings, original_latent=inversion.clean_latent.to(device),
-                                    handles=handles, targets=targets, progress=part_progress(progress, 1, 2))
+                                    handles=handles, targets=targets, progress=part_progress(progress, 1, 2),
+                                    mask=mask)
     release_memory()
     result = comfy_latent(latent, core.latent_scale)
     notes = [f"final handles (target in brackets): {handle_ends(dragged.points, dragged.final_handles)}"]
