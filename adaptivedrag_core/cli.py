@@ -73,6 +73,8 @@ def _command_modules():
 
 
 def add_edit_parser(subparsers) -> None:
+    from .drag.closs import CLOSS_KINDS, DEFAULT_CLOSS_KIND
+
     p = subparsers.add_parser("edit", help="drag-edit an image", description="Drag-edit an image with SD1.5.")
     p.add_argument("image", nargs="?", help="input image (any mode and size)")
     p.add_argument("--drag", action="append", default=[], metavar="X1,Y1:X2,Y2",
@@ -91,8 +93,8 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--method", default="adaptive", choices=("adaptive", "freedrag", "dragdiffusion"))
     p.add_argument("--closs", action=argparse.BooleanOptionalAction, default=None,
                    help="correspondence loss while sampling (default: on for adaptive)")
-    p.add_argument("--closs-kind", default="contrastive", choices=("contrastive", "mse"),
-                   help="CLoss form: the paper's contrastive loss, or the public code's MSE")
+    p.add_argument("--closs-kind", default=DEFAULT_CLOSS_KIND, choices=CLOSS_KINDS,
+                   help="CLoss form: the public code's MSE (default), or the paper's contrastive loss")
     p.add_argument("--closs-weight", type=float, default=1.0, help="CLoss step-size multiplier (default 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance while sampling (default 1 = off, as in the papers)")

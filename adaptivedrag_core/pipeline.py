@@ -22,7 +22,7 @@ from PIL import Image
 from .automask import auto_mask
 from .cache import DiskCache
 from .drag import METHODS as DRAG_OPTIONS
-from .drag.closs import CLOSS_KINDS
+from .drag.closs import CLOSS_KINDS, DEFAULT_CLOSS_KIND
 from .drag.common import is_finite_number, parse_options, usable_mask
 from .errors import InputError
 from .features import make_feature_fn
@@ -77,7 +77,8 @@ class EditSettings:
             (:func:`automask.auto_mask`); the auto mask is used only when no mask is given either. None means
             "on for adaptive" (the paper's method is mask-free), off otherwise.
         closs: correspondence loss while sampling; None means "on for adaptive, off otherwise".
-        closs_weight, closs_kind: CLoss weight and "contrastive" (paper) or "mse" (public code).
+        closs_weight, closs_kind: CLoss weight and "mse" (public code, the default) or "contrastive" (paper); see
+            :mod:`.drag.closs` for why.
         reference_start_layer, reference_start_step: reference-latent control (10, 0).
         guidance_scale: classifier-free guidance while sampling; 1 = off (both papers). The inversion never
             uses guidance.
@@ -100,7 +101,7 @@ class EditSettings:
     auto_mask: Optional[bool] = None
     closs: Optional[bool] = None
     closs_weight: float = 1.0
-    closs_kind: str = "contrastive"
+    closs_kind: str = DEFAULT_CLOSS_KIND
     reference_start_layer: int = 10
     reference_start_step: int = 0
     guidance_scale: float = 1.0

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .drag.closs import DEFAULT_CLOSS_KIND
 from .inversion import DDIMSchedule, ddim_step, predict_clean, unet_noise_fn
 from .progress import ProgressFn, report
 from .reference import ReferenceRecording, reference_control
@@ -32,7 +33,8 @@ class CLossSettings:
     Args:
         weight: scales CLoss's step size, lr x weight (Adam ignores a loss's scale, so weighting the loss itself
             would change nothing); 0 disables it.
-        kind: "contrastive" (the paper's symmetric cross-entropy on cosine similarities) or "mse" (public code).
+        kind: "mse" (public code, the default) or "contrastive" (the paper's symmetric cross-entropy on cosine
+            similarities); see :mod:`.drag.closs` for why.
         patch_radius: half-size of the latent patches compared (5 -> 11x11, as in the public code).
         lr: Adam learning rate on the current latent (0.01).
         steps: apply during the first ``steps`` sampling steps (None: every step).
@@ -41,7 +43,7 @@ class CLossSettings:
     """
 
     weight: float = 1.0
-    kind: str = "contrastive"
+    kind: str = DEFAULT_CLOSS_KIND
     patch_radius: int = 5
     lr: float = 0.01
     steps: Optional[int] = None

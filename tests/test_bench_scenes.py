@@ -80,8 +80,8 @@ def test_unknown_variant_names_the_valid_ones():
 
 def test_the_closs_kind_reaches_the_closs_variants_and_keeps_folders_apart(scene_model, tmp_path):
     variant = next(v for v in bench_scenes.VARIANTS if v.name == "adaptive + auto mask + CLoss")
-    assert SceneBenchConfig(closs_kind="mse").settings(variant, 128).closs_settings().kind == "mse"
+    assert SceneBenchConfig(closs_kind="contrastive").settings(variant, 128).closs_settings().kind == "contrastive"
     assert "closs_kind" not in SceneBenchConfig().identity()  # folders from before the option still resume
     run_scene_bench(SceneBenchConfig(**{**QUICK, "cases": 1}), scene_model, tmp_path, log=lambda line: None)
     with pytest.raises(InputError, match="other settings"):
-        run_scene_bench(SceneBenchConfig(**{**QUICK, "cases": 1, "closs_kind": "mse"}), scene_model, tmp_path)
+        run_scene_bench(SceneBenchConfig(**{**QUICK, "cases": 1, "closs_kind": "contrastive"}), scene_model, tmp_path)

@@ -60,14 +60,15 @@ def test_the_matching_patch_is_the_optimum_zero_gradient_there_and_a_shifted_pat
 
 
 def test_adam_started_at_the_match_stays_there():
-    """The paper's literal form drifted away from a perfect match (17% of the patch in 200 steps here)."""
+    """The contrastive form (the paper's literal one drifted away from a perfect match: 17% of the patch in 200
+    steps here)."""
     reference, _ = _latents()
     start = _rolled(reference)
     prediction = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([prediction], lr=0.01)
     for _ in range(200):
         optimizer.zero_grad()
-        correspondence_loss(prediction, reference, [INNER_HANDLE], [INNER_TARGET]).backward()
+        correspondence_loss(prediction, reference, [INNER_HANDLE], [INNER_TARGET], kind="contrastive").backward()
         optimizer.step()
     (x, y), radius = INNER_TARGET, 5
     patch = (..., slice(int(y) - radius, int(y) + radius + 1), slice(int(x) - radius, int(x) + radius + 1))
@@ -125,3 +126,14 @@ def test_closs_rejects_bad_input():
         correspondence_loss(unrelated, reference, [HANDLE], [TARGET, TARGET])
     with pytest.raises(InputError, match="same shape"):
         correspondence_loss(unrelated[..., :10], reference, [HANDLE], [TARGET])
+
+
+def test_the_public_codes_mse_is_the_default_form_everywhere():
+    """The contrastive form did not edit better on ``bench scenes`` (docs/quality.md, issue 12)."""
+    from adaptivedrag_core.cli import build_parser
+    from adaptivedrag_core.pipeline import EditSettings
+    from adaptivedrag_core.sampling import CLossSettings
+
+    edit_args = build_parser().parse_args(["edit", "in.png"])
+    assert EditSettings(method="adaptive").closs_settings().kind == CLossSettings().kind == edit_args.closs_kind
+    assert CLossSettings().kind == "mse"

@@ -5,6 +5,7 @@ every node runs under ``torch.inference_mode()``, as ComfyUI runs nodes.
 """
 
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -212,6 +213,13 @@ def test_other_methods_run_with_a_user_mask_and_sample_without_closs(graph_input
     assert dragged.steps >= 1
     latent, _ = run(closs_sampler.SPEC, dragged=dragged, closs=False).outputs
     assert latent["samples"].shape == graph_inputs["latent"]["samples"].shape
+
+
+def test_closs_sampler_defaults_to_the_cores_closs_form():
+    from adaptivedrag_core.pipeline import EditSettings
+
+    assert closs_sampler.SPEC.input("closs_kind").default == EditSettings().closs_kind
+    assert inspect.signature(closs_sampler.sample).parameters["closs_kind"].default == EditSettings().closs_kind
 
 
 @pytest.mark.parametrize("painted", [True, False])

@@ -3,7 +3,7 @@
 At a sampling step the predicted clean latent's patch around each TARGET should look like the original
 latent's patch around the matching HANDLE. Two forms:
 
-- ``"contrastive"`` (paper, default): the symmetric cross-entropy of CLIP over cosine similarities between the
+- ``"contrastive"`` (paper): the symmetric cross-entropy of CLIP over cosine similarities between the
   positions of the two patches: each predicted position is scored against every original position and vice
   versa, softmax over the positions. Taken literally (single 4-channel latent vectors, one-hot "position k
   matches position k" labels) the match is not its optimum: neighbouring latent vectors are nearly collinear,
@@ -18,7 +18,15 @@ latent's patch around the matching HANDLE. Two forms:
     both directions, so it is zero, with a zero gradient, exactly when the predicted patch's similarity
     pattern equals the original's (at the matching patch), and positive for a shifted patch.
 
-- ``"mse"`` (public code): 100 x the mean squared difference between the two 11x11 patches.
+- ``"mse"`` (public code, the default): 100 x the mean squared difference between the two 11x11 patches.
+
+Why ``mse`` is the default (``DEFAULT_CLOSS_KIND``, used by the pipeline, the CLI, the nodes and the sampler):
+the corrected contrastive form has the matching patch as its optimum, as ``mse`` always had, but it did not
+edit better. On ``bench scenes`` (4 held-out cases, adaptive + auto mask + CLoss) ``mse`` gave MD 35.8 px
+against 36.2, outside PSNR 28.1 dB against 27.8 and PSNR against the truth 21.3 dB against 21.0, small
+differences all in its favour (docs/quality.md, issue 12); it is also the public code's form and cheaper.
+That model cannot move objects at the papers' strength, so the comparison mostly shows fidelity; it should be
+repeated on a model that can.
 
 The paper gives no temperature; the default 0.07 is CLIP's initial value.
 """
@@ -34,6 +42,8 @@ from ..errors import InputError
 from .common import sample_features, window_offsets
 
 CLOSS_KINDS = ("contrastive", "mse")
+#: The form every entry point (pipeline, CLI, nodes, sampler) uses unless told otherwise; see the module docstring.
+DEFAULT_CLOSS_KIND = "mse"
 MSE_SCALE = 100.0
 
 
@@ -42,7 +52,7 @@ def correspondence_loss(
     ref_latent: torch.Tensor,
     handles: Sequence[Sequence[float]],
     targets: Sequence[Sequence[float]],
-    kind: str = "contrastive",
+    kind: str = DEFAULT_CLOSS_KIND,
     patch_radius: int = 5,
     temperature: float = 0.07,
     descriptor_radius: int = 1,
