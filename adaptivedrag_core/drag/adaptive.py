@@ -9,8 +9,10 @@
   ("start", the default). Once a handle has passed its target, every move back toward it points against
   p -> t and is rejected, so an overshoot can never be corrected and the budget runs to n_max. "current"
   measures the move against h^{k-1} -> t instead, which accepts such corrections; before any overshoot both
-  agree whenever the handle lies on the segment p -> t. The paper's reading stays the default until the two
-  are measured on ``bench scenes``.
+  agree whenever the handle lies on the segment p -> t. The paper's reading stays the default: on ``bench
+  scenes`` (4 cases, auto mask) the two gave the same edits, and on the synthetic benchmark "current" saved
+  steps (square patches: 93 -> 59 in *several*) but arrived no better, slightly worse in two cases
+  (docs/quality.md, issue 12).
 - **semantic regions** (Sec. 3.4.2): with ``regions`` given, the motion-supervision patch and the tracking
   window of a handle are restricted to the handle's superpixel (intersected with the square); see
   :class:`.common.PatchGeometry` for how the region follows the handle, and for its fallback to a half-disc
