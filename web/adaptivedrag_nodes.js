@@ -3,6 +3,7 @@
 // - Semantic Drag: only the settings of the chosen method;
 // - Identity LoRA Finetune: workflows saved when its seed had a "control after generate" value load unchanged.
 import { app } from "../../scripts/app.js";
+import { chain } from "./chain.js";
 
 const NODE_PREFIX = "AdaptiveDrag_";
 const NOTES_KEY = "adaptivedrag_notes";
@@ -52,15 +53,6 @@ app.registerExtension({
   },
 });
 
-// Call `extra` after whatever the prototype already does for `name`.
-function chain(target, name, extra) {
-  const original = target[name];
-  target[name] = function (...args) {
-    const result = original?.apply(this, args);
-    extra.apply(this, args);
-    return result;
-  };
-}
 
 function findWidget(node, name) {
   return node.widgets?.find((w) => w.name === name);

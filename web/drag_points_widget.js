@@ -3,6 +3,7 @@
 // draws the model, and stores its JSON in the node's hidden `points_json` STRING widget, so saved workflows
 // (widgets_values) and API prompts carry the points.
 import { app } from "../../scripts/app.js";
+import { chain } from "./chain.js";
 import { api } from "../../scripts/api.js";
 
 import {
@@ -58,15 +59,6 @@ app.registerExtension({
   },
 });
 
-// Call `extra` after whatever the prototype already does for `name`.
-function chain(target, name, extra) {
-  const original = target[name];
-  target[name] = function (...args) {
-    const result = original?.apply(this, args);
-    extra.apply(this, args);
-    return result;
-  };
-}
 
 class DragPointsWidget {
   constructor(node) {
