@@ -73,6 +73,8 @@ def _command_modules():
 
 
 def add_edit_parser(subparsers) -> None:
+    from .drag.closs import CLOSS_KINDS, DEFAULT_CLOSS_KIND
+
     p = subparsers.add_parser("edit", help="drag-edit an image", description="Drag-edit an image with SD1.5.")
     p.add_argument("image", nargs="?", help="input image (any mode and size)")
     p.add_argument("--drag", action="append", default=[], metavar="X1,Y1:X2,Y2",
@@ -80,16 +82,19 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--model", help="SD1.5 checkpoint: a diffusers folder or a single .safetensors file")
     p.add_argument("--tokenizer", help="folder with CLIP vocab.json and merges.txt (single-file models + a prompt)")
     p.add_argument("--out", help="output image path; a preview <out>_preview.png is written beside it")
-    p.add_argument("--mask", help="mask image (white = may change), or 'auto' for the superpixel auto-mask")
-    p.add_argument("--sam2", help="SAM2 checkpoint for --mask auto (else a weight-free fallback feature space)")
+    p.add_argument("--mask", help="mask image (white = may change), 'auto' for the superpixel auto mask, or 'none'; "
+                                  "default: auto for adaptive (mask-free, as in the paper), none otherwise. With a "
+                                  "mask image, adaptive still takes its superpixel regions from the auto mask")
+    p.add_argument("--sam2", help="SAM2 checkpoint for the auto mask (else a weight-free Lab-colour fallback, "
+                                  "with a warning)")
     p.add_argument("--sam2-size", help="SAM2 model size (tiny, small, base_plus, large; sam2.1_ prefix for 2.1), "
                                        "if the file name does not tell")
     p.add_argument("--prompt", default="", help="text prompt (default empty)")
     p.add_argument("--method", default="adaptive", choices=("adaptive", "freedrag", "dragdiffusion"))
     p.add_argument("--closs", action=argparse.BooleanOptionalAction, default=None,
                    help="correspondence loss while sampling (default: on for adaptive)")
-    p.add_argument("--closs-kind", default="contrastive", choices=("contrastive", "mse"),
-                   help="CLoss form: the paper's contrastive loss, or the public code's MSE")
+    p.add_argument("--closs-kind", default=DEFAULT_CLOSS_KIND, choices=CLOSS_KINDS,
+                   help="CLoss form: the public code's MSE (default), or the paper's contrastive loss")
     p.add_argument("--closs-weight", type=float, default=1.0, help="CLoss step-size multiplier (default 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance while sampling (default 1 = off, as in the papers)")
@@ -140,7 +145,7 @@ def run_edit(args) -> int:
     """The ``edit`` command. Every check that needs no model (outputs, cache folder, settings, image, points,
     mask, a given LoRA) runs first, so bad input costs no model loading and no training."""
     from .cache import CacheWarning, DiskCache
-    from .images import load_image, load_mask, to_rgb
+    from .images import load_image
     from .points import DragPoints
 
     if args.demo:
@@ -170,14 +175,7 @@ def run_edit(args) -> int:
         from .lora import load_lora
 
         given_lora = load_lora(lora_file)
-    mask = regions = None
-    if args.mask == "auto":
-        from .cli_mask import cli_auto_mask
-
-        automatic = cli_auto_mask(to_rgb(image), points, args.sam2, args.sam2_size, args.device)
-        mask, regions = automatic.mask, automatic.regions
-    elif args.mask:
-        mask = load_mask(args.mask, image.width, image.height)
+    mask, regions = _mask_and_regions(args, image, points)
     pipeline = _pipeline(args, cache)
 
     from .progress import TqdmProgress
@@ -201,10 +199,27 @@ def run_edit(args) -> int:
     return 0
 
 
+def _mask_and_regions(args, image, points):
+    """The mask and superpixel regions for the edit, from ``--mask`` (see its help): (mask, regions), each None
+    or an array at image size. The auto mask is made here, not in the pipeline, to load SAM2 and print its
+    warnings once."""
+    from .images import load_mask, to_rgb
+
+    choice = args.mask or ("auto" if args.method == "adaptive" else "none")
+    mask = None if choice in ("auto", "none") else load_mask(choice, image.width, image.height)
+    if choice == "auto" or (mask is not None and args.method == "adaptive"):
+        from .cli_mask import cli_auto_mask
+
+        automatic = cli_auto_mask(to_rgb(image), points, args.sam2, args.sam2_size, args.device)
+        return (automatic.mask if mask is None else mask), automatic.regions
+    return mask, None
+
+
 def _settings(args):
     from .pipeline import EditSettings, step_budget
 
-    settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, closs=args.closs,
+    # auto_mask off: _mask_and_regions has decided, and "--mask none" must stay mask-free.
+    settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, auto_mask=False, closs=args.closs,
                             closs_kind=args.closs_kind, closs_weight=args.closs_weight,
                             num_steps=args.ddim_steps, strength=args.strength, guidance_scale=args.guidance_scale,
                             lora_gradient_checkpointing=checkpointing_choice(args))

@@ -162,9 +162,11 @@ def _add_dragbench_parser(commands) -> None:
     p.add_argument("--lora-steps", type=int, default=None, help="identity LoRA steps (default 80)")
     p.add_argument("--work-size", type=int, default=None, help="longer side of the working copy (default 512)")
     p.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the full schedule (default 50)")
-    p.add_argument("--mask", choices=MASK_SOURCES, default="dragbench",
-                   help="dragbench: the samples' masks (default); auto: the AdaptiveDrag auto mask")
-    p.add_argument("--sam2", help="SAM2 checkpoint for the superpixels (adaptive, --mask auto); else Lab colour")
+    p.add_argument("--mask", choices=MASK_SOURCES, default=None,
+                   help="dragbench: the samples' hand-drawn masks; auto: the AdaptiveDrag auto mask; none: no mask "
+                        "(and no superpixel regions); default: auto for adaptive (mask-free, as in the paper), "
+                        "dragbench otherwise")
+    p.add_argument("--sam2", help="SAM2 checkpoint for the superpixels (adaptive, the auto mask); else Lab colour")
     p.add_argument("--sam2-size", help="SAM2 model size, if the file name does not tell")
     add_checkpointing_argument(p)
     p.add_argument("--seed", type=int, default=0)
@@ -252,6 +254,7 @@ def _lpips(path, device: str):
 
 def _add_scenes_parser(commands) -> None:
     from .bench.scenes import DEFAULT_CASE_SEED, VARIANTS
+    from .drag.closs import CLOSS_KINDS
 
     p = commands.add_parser("scenes", help="every method on held-out scene cases, scored against the known answer",
                             description="Edit held-out procedural scene cases with the scene model, once per method "
@@ -270,6 +273,8 @@ def _add_scenes_parser(commands) -> None:
     p.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the full schedule (default 50)")
     p.add_argument("--drag-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an optimiser option for every variant (repeatable), e.g. to compare a choice")
+    p.add_argument("--closs-kind", choices=CLOSS_KINDS, default=None,
+                   help="CLoss form of the CLoss variants (default: the edit's default)")
     p.add_argument("--sam2", help="SAM2 checkpoint for the auto mask (else the Lab-colour fallback)")
     p.add_argument("--sam2-size", help="SAM2 model size, if the file name does not tell")
     p.set_defaults(run=run_scenes)
@@ -286,7 +291,7 @@ def run_scenes(args) -> int:
     config = SceneBenchConfig(cases=args.cases, seed=args.seed, variants=args.variant, methods=args.method,
                               device=args.device, lora_steps=args.lora_steps, drag_steps=args.drag_steps,
                               num_steps=args.ddim_steps, drag_options=parse_drag_options(args.drag_option),
-                              sam2=args.sam2, sam2_size=args.sam2_size)
+                              sam2=args.sam2, sam2_size=args.sam2_size, closs_kind=args.closs_kind)
     config.chosen_variants()  # unknown names fail before the model loads
     components = load_scene_model(args.model)
     summary = run_scene_bench(config, components, args.out, log=lambda line: print(line, file=sys.stderr))

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .automask import auto_mask
 from .cache import DiskCache
 from .drag import METHODS as DRAG_OPTIONS
-from .drag.closs import CLOSS_KINDS
-from .drag.common import is_finite_number, parse_options
+from .drag.closs import CLOSS_KINDS, DEFAULT_CLOSS_KIND
+from .drag.common import is_finite_number, parse_options, usable_mask
 from .errors import InputError
 from .features import make_feature_fn
 from .images import WorkingImage, prepare_image, resize_labels
@@ -72,8 +73,12 @@ class EditSettings:
         feature_block: UNet up-block whose output is the drag feature map (2).
         feature_scale: feature map size relative to the image (0.5 -> 256x256 for 512x512).
         drag_options: method hyper-parameters passed to ``drag()`` (paper defaults when absent).
+        auto_mask: when an edit is given no regions, make the AdaptiveDrag auto mask and its superpixel regions
+            (:func:`automask.auto_mask`); the auto mask is used only when no mask is given either. None means
+            "on for adaptive" (the paper's method is mask-free), off otherwise.
         closs: correspondence loss while sampling; None means "on for adaptive, off otherwise".
-        closs_weight, closs_kind: CLoss weight and "contrastive" (paper) or "mse" (public code).
+        closs_weight, closs_kind: CLoss weight and "mse" (public code, the default) or "contrastive" (paper); see
+            :mod:`.drag.closs` for why.
         reference_start_layer, reference_start_step: reference-latent control (10, 0).
         guidance_scale: classifier-free guidance while sampling; 1 = off (both papers). The inversion never
             uses guidance.
@@ -93,9 +98,10 @@ class EditSettings:
     feature_block: int = 2
     feature_scale: float = 0.5
     drag_options: dict = field(default_factory=dict)
+    auto_mask: Optional[bool] = None
     closs: Optional[bool] = None
     closs_weight: float = 1.0
-    closs_kind: str = "contrastive"
+    closs_kind: str = DEFAULT_CLOSS_KIND
     reference_start_layer: int = 10
     reference_start_step: int = 0
     guidance_scale: float = 1.0
@@ -116,13 +122,17 @@ class EditSettings:
             _check_number(name, getattr(self, name), whole, low, high, low_excluded)
         if self.closs_kind not in CLOSS_KINDS:
             raise InputError(f"unknown CLoss kind {self.closs_kind!r}; choose one of {', '.join(CLOSS_KINDS)}")
-        for name in ("closs", "lora_gradient_checkpointing"):
+        for name in ("auto_mask", "closs", "lora_gradient_checkpointing"):
             if getattr(self, name) not in (None, True, False):
                 raise InputError(f"{name} must be on, off or auto (None), got {getattr(self, name)!r}")
         if not isinstance(self.prompt, str):
             raise InputError(f"prompt must be text, got {type(self.prompt).__name__}")
         parse_options(DRAG_OPTIONS[self.method][0], self.drag_options, self.method)
         return self
+
+    @property
+    def use_auto_mask(self) -> bool:
+        return self.method == "adaptive" if self.auto_mask is None else self.auto_mask
 
     @property
     def use_closs(self) -> bool:
@@ -155,20 +165,25 @@ def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_lat
         feature_size: (width, height) of the feature grid.
         method: "adaptive", "freedrag" or "dragdiffusion".
         mask, regions: optional bool / int arrays at image resolution; mapped onto the feature grid with
-            :func:`images.resize_labels`, so both land on the same cells. A mask adds the x_{t-1} mask term.
+            :func:`images.resize_labels`, so both land on the same cells. A mask adds the x_{t-1} mask term; an
+            empty one counts as none (``EmptyMaskWarning``).
         feature_block: the UNet up-block whose output is the feature map.
         progress: ``progress(step, total)``.
         **options: the method's hyper-parameters.
+
+    The backward passes are loss-scaled when the UNet is float16 (``drag()``'s ``compute_dtype``).
     """
     from .drag import drag
 
+    mask = usable_mask(mask)
     feature_mask = None if mask is None else torch.from_numpy(resize_labels(mask, *feature_size)).bool()
     feature_regions = None if regions is None else torch.from_numpy(
         resize_labels(regions, *feature_size).astype(np.int64))
     feature_fn = make_feature_fn(unet, text_embeddings, schedule, feature_size, feature_block,
                                  with_prediction=mask is not None)
     return drag(inverted_latent.float(), feature_fn, handles, targets, method=method, mask=feature_mask,
-                regions=feature_regions, progress=progress, **options)
+                regions=feature_regions, progress=progress, compute_dtype=next(unet.parameters()).dtype,
+                **options)
 
 
 #: GPUs with less memory than this (cards of 10 GB and less) train the identity LoRA with gradient checkpointing
@@ -365,14 +380,18 @@ class DragPipeline:
                                     mask, regions, settings.feature_block, progress, **settings.drag_options)
 
     def sample(self, inversion: Inversion, dragged_latent, reference: ReferenceBranch, settings: EditSettings,
-               latent_handles=(), latent_targets=(), progress: ProgressFn = None) -> torch.Tensor:
+               latent_handles=(), latent_targets=(), progress: ProgressFn = None,
+               latent_mask: Optional[np.ndarray] = None) -> torch.Tensor:
+        """Sample the dragged latent (CLoss per ``settings``; it changes nothing outside ``latent_mask``, a bool
+        array on the latent grid, when given)."""
+        mask = None if latent_mask is None else torch.from_numpy(np.asarray(latent_mask, dtype=bool))
         with self._lora(inversion.lora):
             return sample_dragged(
                 self.components.unet, inversion.text_embeddings, inversion.schedule, dragged_latent, reference,
                 settings.reference_start_layer, settings.reference_start_step, closs=settings.closs_settings(),
                 original_latent=inversion.clean_latent, handles=latent_handles, targets=latent_targets,
                 progress=progress, uncond_embeddings=self._guidance(settings)[0],
-                guidance_scale=settings.guidance_scale,
+                guidance_scale=settings.guidance_scale, mask=mask,
             )
 
     # ------------------------------------------------------------ whole edit
@@ -385,6 +404,7 @@ class DragPipeline:
         regions: Optional[np.ndarray] = None,
         progress_factory: Optional[Callable[[str], ProgressFn]] = None,
         lora: Optional[dict] = None,
+        mask_encoder=None,
     ) -> EditResult:
         """Drag-edit ``image``.
 
@@ -392,10 +412,14 @@ class DragPipeline:
             image: any PIL image (any mode, any size).
             points: pairs in ``image`` pixels (their size must match the image).
             settings: :class:`EditSettings` (paper defaults).
-            mask: optional bool [H, W] at image size, True = may change.
+            mask: optional bool [H, W] at image size, True = may change; an empty one counts as none
+                (``EmptyMaskWarning``).
             regions: optional int [H, W] superpixel labels at image size (for the adaptive method).
             progress_factory: ``factory(stage_name) -> progress`` callback for each long stage.
             lora: identity-LoRA weights to use instead of training one.
+            mask_encoder: the auto mask's encoder (a ``Sam2Encoder`` on its device, or any ``FeatureEncoder``);
+                None uses the Lab-colour fallback, with its ``AutoMaskWarning``. Used when
+                ``settings.use_auto_mask`` and no regions are given (the adaptive default).
         """
         settings = (settings or EditSettings()).validate()
         progress_factory = progress_factory or (lambda name: None)
@@ -405,13 +429,21 @@ class DragPipeline:
                 raise InputError(f"{name} is {np.asarray(array).shape[1]}x{np.asarray(array).shape[0]} "
                                  f"but the image is {image.width}x{image.height}")
         timings = {}
+        stage = _StageRunner(progress_factory, timings)
+        mask = usable_mask(mask)
+        if settings.use_auto_mask and regions is None:
+            with stage("auto_mask", None):
+                automatic = auto_mask(image, points, mask_encoder)
+            regions = automatic.regions
+            mask = automatic.mask if mask is None else mask
         working = prepare_image(image, settings.work_size)
         work_w, work_h = working.size
         feature_size = feature_grid_size(work_w, work_h, settings.feature_scale)
         handles, targets = points.to_grid(*feature_size)
-        latent_handles, latent_targets = points.to_grid(work_w // VAE_DOWNSCALE, work_h // VAE_DOWNSCALE)
+        latent_size = (work_w // VAE_DOWNSCALE, work_h // VAE_DOWNSCALE)
+        latent_handles, latent_targets = points.to_grid(*latent_size)
+        latent_mask = None if mask is None else resize_labels(mask, *latent_size)
 
-        stage = _StageRunner(progress_factory, timings)
         self._hits.clear()
         with stage("inversion", None):
             inversion = self.invert(working, settings, progress_factory, lora)
@@ -422,7 +454,7 @@ class DragPipeline:
             result = self.drag(inversion, handles, targets, feature_size, settings, mask, regions, progress)
         with stage("sampling", "sampling" + (" + CLoss" if settings.use_closs else "")) as progress:
             latent = self.sample(inversion, result.latent, reference, settings, latent_handles, latent_targets,
-                                 progress)
+                                 progress, latent_mask=latent_mask)
         with stage("decode", None):
             edited = working.restore(self.decode_latent(latent))
         final = [map_point(p, *feature_size, *image.size) for p in result.handles]

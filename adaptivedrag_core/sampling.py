@@ -6,6 +6,11 @@
    latent's patch around every target is pulled toward the original latent's patch around the matching handle,
    by one Adam step on the current latent (AdaptiveDrag, "correspondence sample"). The noise predicted before
    that update is reused for the DDIM step, so CLoss costs one backward pass per step and no extra forward.
+
+   The Adam step changes only the latent near the targets (CLoss's footprint dilated by ``region_margin``) and,
+   when a mask is given, inside it: Adam moves every element it is given by about lr on its first step,
+   whatever the gradient, so unconfined it would change the whole latent. The backward pass is loss-scaled for
+   a float16 UNet (:class:`~adaptivedrag_core.drag.common.LossScaler`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .drag.closs import DEFAULT_CLOSS_KIND
 from .inversion import DDIMSchedule, ddim_step, predict_clean, unet_noise_fn
 from .progress import ProgressFn, report
 from .reference import ReferenceRecording, reference_control
@@ -27,17 +33,28 @@ class CLossSettings:
     Args:
         weight: scales CLoss's step size, lr x weight (Adam ignores a loss's scale, so weighting the loss itself
             would change nothing); 0 disables it.
-        kind: "contrastive" (the paper's symmetric cross-entropy on cosine similarities) or "mse" (public code).
+        kind: "mse" (public code, the default) or "contrastive" (the paper's symmetric cross-entropy on cosine
+            similarities); see :mod:`.drag.closs` for why.
         patch_radius: half-size of the latent patches compared (5 -> 11x11, as in the public code).
         lr: Adam learning rate on the current latent (0.01).
         steps: apply during the first ``steps`` sampling steps (None: every step).
+        region_margin: latent pixels added around CLoss's footprint at each target; only that square (and the
+            mask, if any) may change (2).
     """
 
     weight: float = 1.0
-    kind: str = "contrastive"
+    kind: str = DEFAULT_CLOSS_KIND
     patch_radius: int = 5
     lr: float = 0.01
     steps: Optional[int] = None
+    region_margin: int = 2
+
+    def region(self, shape, targets, mask: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+        """The [h,w] bool latent positions this CLoss may change (see the module docstring)."""
+        from .drag.closs import closs_region, footprint_radius
+
+        radius = footprint_radius(self.kind, self.patch_radius) + self.region_margin
+        return closs_region(shape, targets, radius, mask, device)
 
 
 @dataclass
@@ -97,6 +114,7 @@ def sample_dragged(
     progress: ProgressFn = None,
     uncond_embeddings=None,
     guidance_scale: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Denoise the dragged z_t to z_0 with the reference keys/values replayed, optionally with CLoss.
 
@@ -110,32 +128,33 @@ def sample_dragged(
         handles, targets: points in latent-grid pixels (needed by CLoss).
         progress: ``progress(step, total)``.
         uncond_embeddings, guidance_scale: classifier-free guidance (off at scale 1); as for the recording.
+        mask: None or [h,w] bool on the latent grid, True = may change: CLoss changes nothing outside it. An
+            empty mask counts as none (``EmptyMaskWarning``).
+    Returns:
+        z_0, in ``dragged_latent``'s dtype.
     """
     use_closs = closs is not None and closs.weight > 0
     if use_closs and (original_latent is None or not handles):
         raise ValueError("CLoss needs the original latent and the handle/target points")
-    optimizer = None
     with torch.inference_mode(False), reference_control(unet, reference.recording, start_layer, start_step) as control:
         noise_fn = _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale)
         latent = dragged_latent.detach().clone()
         if use_closs:
             original_latent = original_latent.clone()
+            optimizer = _closs_optimizer(latent, unet, closs, targets, mask)
+            latent = optimizer.latent
         control.mode = "replay"
         for i, t, t_prev in _timesteps(schedule):
             control.step = i
             if use_closs and (closs.steps is None or i < closs.steps):
-                if optimizer is None:
-                    latent.requires_grad_(True)
-                    optimizer = torch.optim.Adam([latent], lr=closs.lr * closs.weight)
-                noise = _closs_update(noise_fn, latent, t, schedule, optimizer, closs, original_latent,
-                                      handles, targets)
+                noise = _closs_update(noise_fn, t, schedule, optimizer, closs, original_latent, handles, targets)
             else:
                 with torch.no_grad():
                     noise = noise_fn(latent, t)
             with torch.no_grad():
                 latent.copy_(ddim_step(latent, noise, schedule, t, t_prev))
             report(progress, i + 1, len(schedule.timesteps))
-    return latent.detach()
+    return latent.detach().to(dragged_latent.dtype)
 
 
 def _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale):
@@ -145,17 +164,24 @@ def _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale):
     return unet_noise_fn(unet, text_embeddings.clone(), uncond, guidance_scale)
 
 
-def _closs_update(noise_fn, latent, timestep, schedule, optimizer, closs, original_latent, handles, targets):
-    """One Adam step of CLoss on ``latent`` (in place); returns the noise predicted before the step."""
+def _closs_optimizer(latent: torch.Tensor, unet, closs: CLossSettings, targets, mask):
+    """Adam on (a float32 copy of) the latent for CLoss, confined to its region, loss-scaled for a float16 UNet."""
+    from .drag.common import LatentAdam, usable_mask
+
+    region = closs.region(latent.shape[-2:], targets, usable_mask(mask), latent.device)
+    return LatentAdam(latent, closs.lr * closs.weight, next(unet.parameters()).dtype, region)
+
+
+def _closs_update(noise_fn, timestep, schedule, optimizer, closs, original_latent, handles, targets):
+    """One Adam step of CLoss on ``optimizer.latent`` (in place); returns the noise predicted before the step."""
     from .drag.closs import correspondence_loss
 
+    latent = optimizer.latent
     with torch.enable_grad():
-        optimizer.zero_grad(set_to_none=True)
         noise = noise_fn(latent, timestep)
         clean = predict_clean(latent, noise, schedule.alpha(timestep))
         loss = correspondence_loss(
             clean, original_latent, handles, targets, kind=closs.kind, patch_radius=closs.patch_radius
         )
-        loss.backward()
-        optimizer.step()
+        optimizer.step(loss)
     return noise.detach()

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adaptivedrag_core.drag.closs import CLOSS_KINDS
+from adaptivedrag_core.drag.closs import CLOSS_KINDS, DEFAULT_CLOSS_KIND
+from adaptivedrag_core.images import resize_labels
 from adaptivedrag_core.pipeline import EditSettings
 from adaptivedrag_core.preview import side_by_side
 from adaptivedrag_core.sampling import CLossSettings, record_reference, sample_dragged
@@ -22,7 +23,7 @@ PREVIEW_UI_KEY = "images"
 NO_VAE = "connect the VAE to CLoss Sampler's vae input to get its image (at the input's size)"
 
 
-def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0, closs_kind: str = "contrastive",
+def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0, closs_kind: str = DEFAULT_CLOSS_KIND,
            reference_start_layer: int = 10, reference_start_step: int = 0, vae=None) -> NodeResult:
     """Denoise the dragged z_t to a clean latent, and with a VAE decode it at the input's size.
 
@@ -33,7 +34,7 @@ def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0
         dragged: from Semantic Drag (it carries the inversion: schedule, prompt, LoRA, original latent).
         closs: apply the correspondence loss while sampling (AdaptiveDrag).
         closs_weight: its weight (1.0).
-        closs_kind: "contrastive" (the paper) or "mse" (the public code).
+        closs_kind: "mse" (the public code, the default) or "contrastive" (the paper).
         reference_start_layer, reference_start_step: where reference control starts (10, 0).
         vae: ComfyUI VAE, optional: decodes the result, gives it back at the input's size and shows the preview.
 
@@ -47,6 +48,8 @@ def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0
     inversion = dragged.inversion
     latent_h, latent_w = inversion.clean_latent.shape[-2:]
     handles, targets = dragged.points.to_grid(latent_w, latent_h)
+    # CLoss changes the latent only near the targets and, as the drag did, inside the drag's mask.
+    mask = None if dragged.mask is None else torch.from_numpy(resize_labels(dragged.mask, latent_w, latent_h))
     settings = CLossSettings(weight=closs_weight, kind=closs_kind) if closs else None
     progress = node_progress()
     with bridged_model(inversion.model, trainable=closs, stage="sampling", latent=inversion.clean_latent) as core:
@@ -59,7 +62,8 @@ def sample(dragged: DraggedLatent, closs: bool = True, closs_weight: float = 1.0
             latent = sample_dragged(core.unet, embeddings, inversion.schedule, dragged.latent.to(device),
                                     reference.to(device), reference_start_layer, reference_start_step,
                                     closs=settings, original_latent=inversion.clean_latent.to(device),
-                                    handles=handles, targets=targets, progress=part_progress(progress, 1, 2))
+                                    handles=handles, targets=targets, progress=part_progress(progress, 1, 2),
+                                    mask=mask)
     release_memory()
     result = comfy_latent(latent, core.latent_scale)
     notes = [f"final handles (target in brackets): {handle_ends(dragged.points, dragged.final_handles)}"]
@@ -117,8 +121,9 @@ SPEC = NodeSpec(
                   default=True),
         InputSpec("closs_weight", "FLOAT", "Weight of the correspondence loss (1.0).", default=1.0, min=0.0,
                   max=1000.0, step=0.1),
-        InputSpec("closs_kind", "COMBO", "contrastive: symmetric cross-entropy on cosine similarities (paper). "
-                  "mse: squared error between patches (public code).", default="contrastive", options=CLOSS_KINDS),
+        InputSpec("closs_kind", "COMBO", "mse: squared error between patches (public code; the default, it edited "
+                  "at least as well). contrastive: symmetric cross-entropy on cosine similarities (paper).",
+                  default=DEFAULT_CLOSS_KIND, options=CLOSS_KINDS),
         InputSpec("reference_start_layer", "INT", "First self-attention layer that takes the original's "
                   "keys/values (10).", default=10, min=0, max=64),
         InputSpec("reference_start_step", "INT", "First sampling step with reference control (0).", default=0,

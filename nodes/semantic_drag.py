@@ -38,6 +38,8 @@ class DraggedLatent:
         points: the requested pairs, in the input image's pixels (``inversion.image_size``).
         final_handles: where the optimiser left each handle, same pixels.
         steps: optimisation steps used.
+        mask: the mask the drag used, bool at the input image's size (None: none); CLoss Sampler keeps CLoss
+            inside it too.
     """
 
     inversion: InvertedLatent
@@ -45,6 +47,7 @@ class DraggedLatent:
     points: DragPoints
     final_handles: list
     steps: int
+    mask: Optional[np.ndarray] = None
 
 
 def method_options(method: str, steps: int, max_steps: int, lr: float, motion_radius: int, tracking_radius: int,
@@ -131,7 +134,7 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
     notes.append(f"{method}: {int(result.steps)} steps; handles ended at (target in brackets): "
                  f"{handle_ends(points, final)}")
     return NodeResult((DraggedLatent(inverted, ordinary(result.latent, "cpu"), points, final,
-                                     int(result.steps)),), notes=notes)
+                                     int(result.steps), fitted_mask.array),), notes=notes)
 
 
 SPEC = NodeSpec(

@@ -56,7 +56,11 @@ def test_meta_estimate_matches_a_real_run_on_the_cpu():
     assert list(meta["stages"]) == STAGES
     assert meta["weights_bytes"] == real["weights_bytes"] > 0
     assert meta["reference_recording_bytes"] == real["reference_recording_bytes"] > 0
-    assert _flops(meta) == _flops(real)
+    meta_flops, real_flops = _flops(meta), _flops(real)
+    # The float16 CLoss backward overflows at the loss scaler's first scale on this model, so the real run repeats
+    # it at a smaller scale (drag.common.LossScaler): a one-off cost the meta run, which has no values, cannot see.
+    assert meta_flops["sampling"] < real_flops.pop("sampling") < 1.5 * meta_flops.pop("sampling")
+    assert meta_flops == real_flops
     for stage, peak in _peaks(meta).items():
         assert peak == pytest.approx(_peaks(real)[stage], rel=0.01), stage
 
@@ -85,7 +89,7 @@ def test_report_weights_peak_target_and_totals():
 
 
 def test_flops_follow_the_passes_each_step_makes():
-    flops = _flops(_estimate())
+    flops = _flops(_estimate("meta"))  # meta: no loss-scaling retry (see above) in the sampling reading
     forward = flops["inversion"]
     assert flops["reference"] == pytest.approx(forward, rel=0.01)  # one forward per step, no gradient
     assert 0 < flops["lora_merge"] < 0.2 * forward  # one small product per projection, not a pass

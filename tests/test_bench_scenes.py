@@ -76,3 +76,12 @@ def test_results_of_other_settings_are_not_mixed(scene_model, tmp_path):
 def test_unknown_variant_names_the_valid_ones():
     with pytest.raises(InputError, match="dragdiffusion \\+ user mask"):
         SceneBenchConfig(variants=["nope"]).chosen_variants()
+
+
+def test_the_closs_kind_reaches_the_closs_variants_and_keeps_folders_apart(scene_model, tmp_path):
+    variant = next(v for v in bench_scenes.VARIANTS if v.name == "adaptive + auto mask + CLoss")
+    assert SceneBenchConfig(closs_kind="contrastive").settings(variant, 128).closs_settings().kind == "contrastive"
+    assert "closs_kind" not in SceneBenchConfig().identity()  # folders from before the option still resume
+    run_scene_bench(SceneBenchConfig(**{**QUICK, "cases": 1}), scene_model, tmp_path, log=lambda line: None)
+    with pytest.raises(InputError, match="other settings"):
+        run_scene_bench(SceneBenchConfig(**{**QUICK, "cases": 1, "closs_kind": "contrastive"}), scene_model, tmp_path)

@@ -107,7 +107,7 @@ def test_lora_file_is_saved_then_reused(tmp_path, capsys, monkeypatch):
     assert main(["edit", "--demo", "--out", str(tmp_path / "b.png"), "--lora", str(lora_file), *fast]) == 0
 
 
-def test_auto_mask_without_sam2_warns_and_feeds_mask_and_regions_to_the_optimiser(tmp_path, capsys, monkeypatch):
+def _spy_on_the_drag(monkeypatch) -> dict:
     from adaptivedrag_core import pipeline as pipeline_module
 
     seen = {}
@@ -118,8 +118,15 @@ def test_auto_mask_without_sam2_warns_and_feeds_mask_and_regions_to_the_optimise
         return original(self, inversion, handles, targets, feature_size, settings, mask, regions, progress)
 
     monkeypatch.setattr(pipeline_module.DragPipeline, "drag", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mask_option", [[], ["--mask", "auto"]], ids=["adaptive default", "--mask auto"])
+def test_auto_mask_without_sam2_warns_and_feeds_mask_and_regions_to_the_optimiser(tmp_path, capsys, monkeypatch,
+                                                                                  mask_option):
+    seen = _spy_on_the_drag(monkeypatch)
     fast = ["--lora-steps", "1", "--drag-steps", "2", "--work-size", "64", "--ddim-steps", "6", "--no-closs"]
-    code, out = _run(capsys, "edit", "--demo", "--mask", "auto", "--out", tmp_path / "o.png", *fast)
+    code, out = _run(capsys, "edit", "--demo", *mask_option, "--out", tmp_path / "o.png", *fast)
     assert code == 0, out.err
     assert "warning:" in out.err and "colour" in out.err.lower()
     # Both arrive at image resolution, aligned: every masked pixel belongs to a superpixel the mask took whole.
@@ -209,8 +216,9 @@ def test_ctrl_c_prints_one_line_and_leaves_no_file(tmp_path, picture, capsys, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline_module.DragPipeline, "edit", pressed_ctrl_c)
+    # --mask none: the adaptive default's auto mask would print its no-SAM2 warning first.
     code, out = _run(capsys, "edit", picture, "--drag", "1,1:5,5", "--demo", "--out", tmp_path / "o.png",
-                     "--lora", tmp_path / "l.safetensors", *FAST)
+                     "--lora", tmp_path / "l.safetensors", "--mask", "none", *FAST)
     assert code == 130 and out.err == "interrupted\n"
     _only(tmp_path, "in.png")
 
@@ -274,3 +282,12 @@ def test_the_cache_key_follows_the_model_files_and_the_tokenizer(tmp_path, pictu
     run()
     run("--tokenizer", str(tokenizer))
     assert seen[0] == seen[1] and len(set(seen)) == 3
+
+
+@pytest.mark.parametrize("method", ["adaptive", "dragdiffusion"])
+def test_mask_none_and_the_other_methods_default_run_without_mask_or_regions(tmp_path, capsys, monkeypatch, method):
+    seen = _spy_on_the_drag(monkeypatch)
+    mask_option = ["--mask", "none"] if method == "adaptive" else []
+    code, out = _run(capsys, "edit", "--demo", "--method", method, *mask_option, "--out", tmp_path / "o.png", *FAST)
+    assert code == 0, out.err
+    assert seen["mask"] is None and seen["regions"] is None and "warning:" not in out.err

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adaptivedrag_core.bench.synthetic import make_scene
-from adaptivedrag_core.drag import METHODS, drag
+from adaptivedrag_core.drag import METHODS, EmptyMaskWarning, drag
 from adaptivedrag_core.drag.common import PatchGeometry, motion_supervision_loss, sample_features, track_points
 from adaptivedrag_core.errors import InputError
 
@@ -38,6 +38,8 @@ def _call(scene, **overrides):
     (dict(max_steps=0), "max_steps must be a positive number"),
     (dict(method="adaptive", n_steps=100, n_max=50), "n_max (50) must be at least n_steps (100)"),
     (dict(method="adaptive", superpixel_radii=True), "superpixel_radii needs regions"),
+    (dict(method="adaptive", direction_check="target"), "direction_check must be one of start, current"),
+    (dict(method="adaptive", superpixel_scale=0), "superpixel_scale must be a positive number"),
     (dict(method="freedrag", l=-1.0), "l must be a positive number"),
     (dict(handles=[]), "they must pair up"),
     (dict(handles=[], targets=[]), "at least one handle/target pair"),
@@ -87,8 +89,9 @@ def test_semantic_region_keeps_tracking_out_of_the_neighbouring_region():
     features, regions = _two_region_features()
     reference = torch.tensor([[1.0, 0.0]])   # looks like the right-hand region
     handle = torch.tensor([[6.0, 8.0]])      # but the handle is in the left-hand region
+    target = torch.tensor([[6.0, 15.0]])     # down, along its own region: plenty of it lies ahead
     square = PatchGeometry(handle, torch.tensor([1]), torch.tensor([3]), (16, 16))
-    semantic = PatchGeometry(handle, torch.tensor([1]), torch.tensor([3]), (16, 16), regions)
+    semantic = PatchGeometry(handle, torch.tensor([1]), torch.tensor([3]), (16, 16), regions, target)
     assert track_points(features, reference, handle, square)[0, 0] >= 8       # jumps into the neighbour
     assert track_points(features, reference, handle, semantic)[0, 0] < 8      # stays in its own region
 
@@ -98,7 +101,7 @@ def test_semantic_region_excludes_neighbouring_features_from_motion_supervision(
     features = features + 0.1 * torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(0))
     features.requires_grad_(True)
     handle, target = torch.tensor([[7.0, 8.0]]), torch.tensor([[7.0, 14.0]])   # moving down, along the border
-    semantic = PatchGeometry(handle, torch.tensor([2]), torch.tensor([3]), (16, 16), regions)
+    semantic = PatchGeometry(handle, torch.tensor([2]), torch.tensor([3]), (16, 16), regions, target)
     weights = semantic.motion_weights(handle)
     positions = semantic.positions(handle, semantic.motion_offsets)
     assert weights.any() and (positions[weights][:, 0] < 8).all()
@@ -116,12 +119,50 @@ def test_semantic_region_moves_with_the_handle():
     regions = torch.zeros(16, 16, dtype=torch.int64)
     regions[:, 8:] = 1
     start = torch.tensor([[6.0, 8.0]])
-    geometry = PatchGeometry(start, torch.tensor([1]), torch.tensor([2]), (16, 16), regions)
+    geometry = PatchGeometry(start, torch.tensor([1]), torch.tensor([2]), (16, 16), regions,
+                             targets=torch.tensor([[6.0, 0.0]]))  # up, along the region
     moved = torch.tensor([[9.0, 8.0]])       # three pixels right: now inside region 1 of the original map
     weights = geometry.tracking_weights(moved)
     positions = geometry.positions(moved, geometry.tracking_offsets)
     # The allowed positions are the original region's shape shifted by 3: x - 3 < 8.
     assert set(positions[weights][:, 0].tolist()) == {7.0, 8.0, 9.0, 10.0}
+
+
+def test_a_region_with_little_of_it_ahead_of_the_handle_falls_back_to_a_half_disc_facing_the_target():
+    regions = torch.zeros(16, 16, dtype=torch.int64)
+    regions[:, 8:] = 1
+    handle = torch.tensor([[7.0, 8.0]])               # on the right-hand edge of region 0
+    toward_region_1 = PatchGeometry(handle, torch.tensor([1]), torch.tensor([2]), (16, 16), regions,
+                                    targets=torch.tensor([[14.0, 8.0]]))
+    offsets = toward_region_1.tracking_offsets
+    kept = {tuple(o) for o in offsets[toward_region_1.tracking_weights(handle)[0]].tolist()}
+    # The half-disc of radius 2 facing +x: it reaches into region 1, so the handle can be tracked forward.
+    assert kept == {(dx, dy) for dx, dy in offsets.tolist() if dx >= 0 and dx * dx + dy * dy <= 4}
+    # Dragged along its region instead, plenty of it lies ahead: the region itself (x < 8), no fallback.
+    along = PatchGeometry(handle, torch.tensor([1]), torch.tensor([2]), (16, 16), regions,
+                          targets=torch.tensor([[7.0, 15.0]]))
+    kept = {tuple(o) for o in offsets[along.tracking_weights(handle)[0]].tolist()}
+    assert kept == {(dx, dy) for dx, dy in offsets.tolist() if dx <= 0}
+
+
+def test_mask_is_resized_centre_aligned_like_every_other_map():
+    from adaptivedrag_core.drag.common import resize_nearest
+    from adaptivedrag_core.images import resize_labels
+
+    generator = torch.Generator().manual_seed(0)
+    for size, new_size in (((32, 32), (16, 16)), ((30, 44), (16, 12)), ((16, 16), (40, 40))):
+        mask = torch.rand(size, generator=generator) > 0.5
+        expected = resize_labels(mask.numpy(), new_size[1], new_size[0])
+        assert torch.equal(resize_nearest(mask, new_size), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_an_empty_mask_is_no_mask_with_a_warning(scene, method):
+    without = drag(scene.latent, scene.feature_fn, scene.handles, scene.targets, method=method, **QUICK[method])
+    with pytest.warns(EmptyMaskWarning, match="empty"):
+        empty = drag(scene.latent, scene.feature_fn, scene.handles, scene.targets, method=method,
+                     mask=torch.zeros(32, 32, dtype=torch.bool), **QUICK[method])
+    assert torch.equal(empty.latent, without.latent) and empty.handles == without.handles
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -92,3 +92,13 @@ def test_freedrag_moves_the_object_to_the_target():
     assert math.dist(result.handles[0], scene.targets[0]) <= 2.0
     assert arrival(scene, result.latent) > 0.2
     assert result.steps <= 300 and result.handle_history.shape[1:] == (1, 2)
+
+
+def test_every_drag_takes_at_least_one_optimisation_step():
+    """With l this large every drag starts below 0.5 l; before, such drags took no step at all (the raw-scale
+    l = 1 did that on the synthetic features), so the template moved while the latent did not."""
+    scene = make_scene("short", seed=0)
+    result = drag(scene.latent, scene.feature_fn, scene.handles, scene.targets, method="freedrag", l=100.0)
+    drags = len(result.handle_history) - 1
+    assert drags >= 1 and result.steps >= drags
+    assert not torch.equal(result.latent, scene.latent)

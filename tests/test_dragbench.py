@@ -159,6 +159,31 @@ def test_cli_runs_a_quick_subset(bench_dir, tmp_path, capsys):
     assert (out / "animals" / "cat.png").is_file() and (out / "summary.json").is_file()
 
 
+@pytest.mark.parametrize("method, mask_source, mask_kind, with_regions", [
+    ("adaptive", None, "auto", True),             # the paper's AdaptiveDrag is mask-free
+    ("adaptive", "dragbench", "dragbench", True),
+    ("adaptive", "none", None, False),
+    ("dragdiffusion", None, "dragbench", False),
+])
+def test_mask_source_defaults_to_the_auto_mask_for_adaptive(bench_dir, tmp_path, tiny, monkeypatch, method,
+                                                          mask_source, mask_kind, with_regions):
+    seen = {}
+    monkeypatch.setattr(DragPipeline, "edit", lambda self, image, points, settings, mask=None, regions=None:
+                        seen.update(mask=mask, regions=regions, settings=settings) or _forbid())
+    with pytest.raises(AssertionError):
+        run_dragbench(bench_dir, tmp_path / "out", tiny, _settings(method), model_id="tiny", limit=1,
+                      mask_source=mask_source, log=lambda line: None)
+    sample = read_sample(bench_dir, *GOOD[0])
+    assert seen["settings"].use_auto_mask is False   # the runner decides, the pipeline adds nothing
+    if mask_kind is None:
+        assert seen["mask"] is None
+    elif mask_kind == "dragbench":
+        assert np.array_equal(seen["mask"], sample.mask)
+    else:
+        assert seen["mask"].shape == sample.mask.shape and not np.array_equal(seen["mask"], sample.mask)
+    assert (seen["regions"] is not None) == with_regions
+
+
 @pytest.mark.parametrize("points, message", [
     ([[10, 12], [20, 14], [5, 5]], "handle and target alternating"),
     ([[10, 12], [60, 14]], "outside"),

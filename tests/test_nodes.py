@@ -5,6 +5,7 @@ every node runs under ``torch.inference_mode()``, as ComfyUI runs nodes.
 """
 
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from adaptivedrag_core.errors import InputError
+from adaptivedrag_core.images import resize_labels
 from adaptivedrag_core.models import encode_prompt, tiny_sd_components
 from adaptivedrag_core.points import DragPoints
 
@@ -211,6 +213,38 @@ def test_other_methods_run_with_a_user_mask_and_sample_without_closs(graph_input
     assert dragged.steps >= 1
     latent, _ = run(closs_sampler.SPEC, dragged=dragged, closs=False).outputs
     assert latent["samples"].shape == graph_inputs["latent"]["samples"].shape
+
+
+def test_closs_sampler_defaults_to_the_cores_closs_form():
+    from adaptivedrag_core.pipeline import EditSettings
+
+    assert closs_sampler.SPEC.input("closs_kind").default == EditSettings().closs_kind
+    assert inspect.signature(closs_sampler.sample).parameters["closs_kind"].default == EditSettings().closs_kind
+
+
+@pytest.mark.parametrize("painted", [True, False])
+def test_closs_sampler_keeps_closs_inside_the_drag_mask(graph_inputs, inverted, monkeypatch, painted):
+    """The drag's mask reaches CLoss on the latent grid (CLoss changes nothing outside it); no mask, none."""
+    user_mask = torch.zeros(1, SIZE, SIZE)
+    user_mask[:, 16:48, 8:56] = 1
+    (dragged,) = run(semantic_drag.SPEC, inverted=inverted, drag_points=graph_inputs["points"], method="dragdiffusion",
+                     mask=user_mask if painted else None, steps=1).outputs
+    seen = {}
+    original = closs_sampler.sample_dragged
+
+    def spy(*args, mask=None, **kwargs):
+        seen["mask"] = mask
+        return original(*args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(closs_sampler, "sample_dragged", spy)
+    run(closs_sampler.SPEC, dragged=dragged, closs=True)
+    if not painted:
+        assert seen["mask"] is None
+        return
+    latent_h, latent_w = inverted.clean_latent.shape[-2:]
+    expected = resize_labels(user_mask[0].numpy() > 0.5, latent_w, latent_h)
+    assert seen["mask"].dtype == torch.bool and np.array_equal(seen["mask"].numpy(), expected)
+    assert 0 < expected.mean() < 1
 
 
 def test_resampling_a_new_drag_reuses_the_reference_recording(graph_inputs, inverted, monkeypatch):

@@ -1,11 +1,15 @@
 """The whole edit with the tiny model: shapes, caching of LoRA/inversion/reference, determinism, inference mode."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from adaptivedrag_core import lora as lora_module
+from adaptivedrag_core.automask import AutoMaskWarning
+from adaptivedrag_core.drag import EmptyMaskWarning
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.models import tiny_sd_components
 from adaptivedrag_core.pipeline import DragPipeline, EditSettings, lora_checkpointing, step_budget
@@ -30,11 +34,71 @@ def pipeline():
 def test_edit_returns_an_image_like_the_input(pipeline):
     image = _picture("RGBA")
     points = DragPoints.from_pairs(["10,10:20,12"], *image.size)
-    result = pipeline.edit(image, points, _settings())
+    with pytest.warns(AutoMaskWarning):   # adaptive makes the auto mask; without SAM2 from Lab colour
+        result = pipeline.edit(image, points, _settings())
     assert result.image.size == image.size and result.image.mode == "RGBA"
     assert np.array_equal(np.asarray(result.image.getchannel("A")), np.asarray(image.getchannel("A")))
     assert len(result.final_handles) == 1 and 1 <= result.drag_steps <= 6
-    assert set(result.timings) == {"inversion", "reference", "drag", "sampling", "decode"}
+    assert set(result.timings) == {"auto_mask", "inversion", "reference", "drag", "sampling", "decode"}
+
+
+class _Spy:
+    """Records the mask and regions the pipeline's drag stage and the latent mask its sampling stage receive."""
+
+    def __init__(self, monkeypatch):
+        self.seen = {}
+        drag, sample = DragPipeline.drag, DragPipeline.sample
+
+        def spy_drag(pipeline, inversion, handles, targets, feature_size, settings, mask=None, regions=None,
+                     progress=None):
+            self.seen.update(mask=mask, regions=regions)
+            return drag(pipeline, inversion, handles, targets, feature_size, settings, mask, regions, progress)
+
+        def spy_sample(pipeline, *args, latent_mask=None, **kwargs):
+            self.seen.update(latent_mask=latent_mask)
+            return sample(pipeline, *args, latent_mask=latent_mask, **kwargs)
+
+        monkeypatch.setattr(DragPipeline, "drag", spy_drag)
+        monkeypatch.setattr(DragPipeline, "sample", spy_sample)
+
+
+@pytest.mark.parametrize("method, auto_mask, expected", [
+    ("adaptive", None, True), ("adaptive", False, False), ("freedrag", None, False), ("dragdiffusion", True, True),
+])
+def test_adaptive_makes_the_auto_mask_and_its_regions_by_default(pipeline, monkeypatch, method, auto_mask, expected):
+    spy = _Spy(monkeypatch)
+    image = _picture()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AutoMaskWarning)
+        pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size),
+                      _settings(method=method, auto_mask=auto_mask, closs=True))
+    if not expected:
+        assert spy.seen["mask"] is None and spy.seen["regions"] is None and spy.seen["latent_mask"] is None
+        return
+    mask, regions = spy.seen["mask"], spy.seen["regions"]
+    assert mask.shape == regions.shape == (image.height, image.width) and 0 < mask.mean() < 1
+    # CLoss gets the same mask on the latent grid (64 px working copy -> 8x8 latent, as the image's aspect).
+    assert spy.seen["latent_mask"].shape == (7, 8) and spy.seen["latent_mask"].any()
+
+
+def test_a_given_mask_is_kept_and_adaptive_still_gets_regions(pipeline, monkeypatch):
+    spy = _Spy(monkeypatch)
+    image = _picture()
+    mask = np.zeros((image.height, image.width), bool)
+    mask[5:30, 5:35] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AutoMaskWarning)
+        pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), _settings(), mask=mask)
+    assert spy.seen["mask"] is mask and spy.seen["regions"].shape == mask.shape
+
+
+def test_an_empty_mask_is_no_mask_with_a_warning(pipeline, monkeypatch):
+    spy = _Spy(monkeypatch)
+    image = _picture()
+    with pytest.warns(EmptyMaskWarning, match="empty"):
+        pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), _settings(method="dragdiffusion"),
+                      mask=np.zeros((image.height, image.width), bool))
+    assert spy.seen["mask"] is None and spy.seen["latent_mask"] is None
 
 
 def test_second_drag_on_the_same_image_reuses_lora_inversion_and_reference(pipeline, monkeypatch):
@@ -180,7 +244,8 @@ def test_damaged_cache_entries_are_reported_and_computed_again(tmp_path):
     with pytest.warns(CacheWarning, match="computing it again") as seen:
         result = DragPipeline(tiny_sd_components(seed=0), model_id="tiny", cache_dir=tmp_path).edit(
             image, points, _settings())
-    assert len(seen) == 2 and result.reused == []
+    # Only the two damaged entries warn (the adaptive default's auto mask adds its no-SAM2 warning besides).
+    assert len([w for w in seen if issubclass(w.category, CacheWarning)]) == 2 and result.reused == []
     assert np.array_equal(np.asarray(result.image), np.asarray(expected.image))
     assert sorted(tmp_path.iterdir()) == entries
     load_lora(next(p for p in entries if p.name.startswith("lora-")))  # rewritten whole

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from adaptivedrag_core import sampling
+from adaptivedrag_core.drag import EmptyMaskWarning
 from adaptivedrag_core.drag.closs import correspondence_loss
 from adaptivedrag_core.inversion import make_schedule
 from adaptivedrag_core.sampling import CLossSettings, record_reference, sample_dragged
@@ -63,3 +65,37 @@ def test_guidance_scale_one_is_no_guidance_and_replay_matches_the_guided_recordi
                            guidance_scale=5.0)
     assert torch.allclose(again, guided.reconstruction, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "mse"])
+def test_the_closs_step_changes_nothing_outside_the_targets_neighbourhood_and_the_mask(tiny, empty_prompt, setup,
+                                                                                       monkeypatch, kind):
+    """Adam moves every element it is given by about lr on its first step, whatever the gradient: unconfined,
+    CLoss changed the whole latent."""
+    schedule, original, inverted, reference = setup
+    # Without the DDIM step, whatever changes the latent is the CLoss step.
+    monkeypatch.setattr(sampling, "ddim_step", lambda latent, noise, schedule, t, t_prev: latent)
+    closs = CLossSettings(kind=kind, patch_radius=2, steps=1)
+    result = _sample(tiny, empty_prompt, setup, closs)
+    assert torch.equal(result[..., :2, :2], inverted[..., :2, :2])   # the corner, far from the target (10, 9)
+    changed = (result != inverted).any(dim=1)[0]
+    region = closs.region(inverted.shape[-2:], TARGETS)
+    assert changed.any() and not changed[~region].any() and 0 < int(region.sum()) < region.numel()
+
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[:, :11] = True                                                # cuts the target's square in two
+    masked = sample_dragged(tiny.unet, empty_prompt, schedule, inverted, reference, closs=closs,
+                            original_latent=original, handles=HANDLES, targets=TARGETS, mask=mask)
+    changed = (masked != inverted).any(dim=1)[0]
+    assert changed.any() and not changed[~(region & mask)].any()
+
+
+def test_an_empty_mask_is_no_mask_with_a_warning(tiny, empty_prompt, setup):
+    schedule, original, inverted, reference = setup
+    closs = CLossSettings(steps=2)
+    plain = _sample(tiny, empty_prompt, setup, closs)
+    with pytest.warns(EmptyMaskWarning, match="empty"):
+        empty = sample_dragged(tiny.unet, empty_prompt, schedule, inverted, reference, closs=closs,
+                               original_latent=original, handles=HANDLES, targets=TARGETS,
+                               mask=torch.zeros(16, 16, dtype=torch.bool))
+    assert torch.equal(empty, plain)

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 IMAGE_NAME = "original_image.png"
 META_NAME = "meta_data.pkl"
 SUMMARY_NAME = "summary.json"
-MASK_SOURCES = ("dragbench", "auto")
+MASK_SOURCES = ("dragbench", "auto", "none")
 
 # ------------------------------------------------------------------------------------------- safe reading
 
@@ -183,7 +183,7 @@ class RunConfig:
     Args:
         model_id: the editing model (path, or "tiny-random-0").
         settings: the edit settings (as a dict).
-        mask_source: "dragbench" (the benchmark's masks) or "auto" (the AdaptiveDrag auto mask).
+        mask_source: "dragbench" (the benchmark's masks), "auto" (the AdaptiveDrag auto mask) or "none".
         regions: where the adaptive method's superpixels come from ("sam2 ..." or "lab-fallback").
     """
 
@@ -213,7 +213,7 @@ def run_dragbench(
     model_id: str = "model",
     device="cpu",
     limit: Optional[int] = None,
-    mask_source: str = "dragbench",
+    mask_source: Optional[str] = None,
     region_encoder=None,
     log: Callable[[str], None] = print,
 ) -> RunReport:
@@ -232,11 +232,15 @@ def run_dragbench(
         model_id: identifies the editing model in the results (and in cache keys).
         device: "cpu" or "cuda".
         limit: only the first ``limit`` samples (sorted by category, then name).
-        mask_source: "dragbench" uses the sample's mask; "auto" the AdaptiveDrag auto mask.
+        mask_source: "dragbench" uses the sample's mask; "auto" the AdaptiveDrag auto mask; "none" no mask. None:
+            "auto" for the adaptive method (the paper's is mask-free), "dragbench" otherwise. Except with "none",
+            the adaptive method takes its superpixel regions from the auto mask.
         region_encoder: a SAM2 :class:`~adaptivedrag_core.sam2_loader.Sam2Encoder` for the superpixels of the
             adaptive method (and the auto mask); None uses the weight-free Lab fallback.
         log: receives one line per sample.
     """
+    if mask_source is None:
+        mask_source = "auto" if settings.method == "adaptive" else "dragbench"
     if mask_source not in MASK_SOURCES:
         raise InputError(f"unknown mask source {mask_source!r}; choose one of {', '.join(MASK_SOURCES)}")
     if limit is not None and limit < 1:
@@ -291,6 +295,11 @@ def _skip(report: RunReport, key: str, error: InputError, log, progress: str) ->
     log(f"{progress}: skipped ({error})")
 
 
+def uses_auto_mask(mask_source: str, method: str) -> bool:
+    """Whether a sample's edit needs the auto mask: as its mask, or for the adaptive method's regions."""
+    return mask_source == "auto" or (mask_source == "dragbench" and method == "adaptive")
+
+
 def _edit_sample(sample: Sample, components, settings: EditSettings, config: RunConfig, device, model_id,
                  mask_source, region_encoder, image_path: Path) -> dict:
     """Edit one sample, save the image atomically, and return its record (without metrics)."""
@@ -298,15 +307,17 @@ def _edit_sample(sample: Sample, components, settings: EditSettings, config: Run
     from ..sam2_loader import sam2_on
 
     start = time.perf_counter()
-    mask, regions = sample.mask, None
-    if mask_source == "auto" or settings.method == "adaptive":
+    mask = sample.mask if mask_source == "dragbench" else None
+    regions = None
+    if uses_auto_mask(mask_source, settings.method):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AutoMaskWarning)  # the fallback is recorded in the summary instead
             with sam2_on(region_encoder, device):
                 automatic = auto_mask(sample.image, sample.points, encoder=region_encoder)
         regions = automatic.regions if settings.method == "adaptive" else None
         mask = automatic.mask if mask_source == "auto" else mask
-    sample_settings = EditSettings(**{**asdict(settings), "prompt": sample.prompt})
+    # auto_mask off: the mask and regions are decided here, and "none" must stay mask-free.
+    sample_settings = EditSettings(**{**asdict(settings), "prompt": sample.prompt, "auto_mask": False})
     # A fresh pipeline per sample: its caches only help a second drag on the same image.
     pipeline = DragPipeline(components, device=device, model_id=model_id)
     result = pipeline.edit(sample.image, sample.points, sample_settings, mask=mask, regions=regions)
@@ -364,7 +375,7 @@ def summarise(out_dir: Path, config: RunConfig, wanted: list[str], skipped: dict
         notes.append("MD not computed: give --dift-model (a local diffusers SD2.1 folder)")
     if "if" not in wanted:
         notes.append("IF not computed: give --lpips-weights (a local LPIPS AlexNet weights file)")
-    if config.regions == "lab-fallback" and (config.settings["method"] == "adaptive" or config.mask_source == "auto"):
+    if config.regions == "lab-fallback" and uses_auto_mask(config.mask_source, config.settings["method"]):
         notes.append("superpixels from Lab colour (no --sam2): not the paper's SAM2 feature space")
     return {
         "config": asdict(config),

@@ -358,12 +358,13 @@ def _one_drag_step(unet, text_embeddings, schedule, inverted, config: EstimateCo
     with torch.no_grad():  # drag() keeps the starting features (and x_{t-1}) for the whole drag
         start_features, start_prediction = split_features(feature_fn(inverted), inverted)
     meter.lap("drag_start")
-    optimizer = LatentAdam(inverted, lr=0.01)
+    optimizer = LatentAdam(inverted, lr=0.01, compute_dtype=next(unet.parameters()).dtype)  # as drag_on_features
     with torch.enable_grad():
         features, prediction = split_features(feature_fn(optimizer.latent), optimizer.latent)
         loss = (features - start_features).abs().mean()
         if config.mask:
             loss = loss + (prediction - start_prediction).abs().sum()
         optimizer.step(loss)
+        del features, prediction, loss  # as the drag loops do: the graph kept for a loss-scaling retry goes
     meter.lap("drag", 1, config.drag_steps)
     return optimizer.latent.detach()

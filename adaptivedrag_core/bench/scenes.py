@@ -78,6 +78,7 @@ class SceneBenchConfig:
         lora_steps, drag_steps, num_steps: override the papers' defaults (for quick runs; None keeps them).
         drag_options: extra optimiser options for every variant (e.g. to compare a choice).
         sam2, sam2_size: a SAM2 checkpoint for the auto mask (else the Lab-colour fallback).
+        closs_kind: the CLoss form of the CLoss variants (None: the default, see ``EditSettings``).
     """
 
     cases: int = 20
@@ -91,6 +92,7 @@ class SceneBenchConfig:
     drag_options: dict = field(default_factory=dict)
     sam2: Optional[str] = None
     sam2_size: Optional[str] = None
+    closs_kind: Optional[str] = None
 
     def chosen_variants(self) -> list[Variant]:
         names = {v.name for v in VARIANTS}
@@ -104,11 +106,15 @@ class SceneBenchConfig:
         return chosen
 
     def settings(self, variant: Variant, native_size: int) -> EditSettings:
-        settings = EditSettings(method=variant.method, closs=variant.closs, work_size=native_size, seed=0)
+        # auto_mask off: every variant brings its own mask ("none" must stay mask-free).
+        settings = EditSettings(method=variant.method, closs=variant.closs, work_size=native_size, seed=0,
+                                auto_mask=False)
         if self.lora_steps is not None:
             settings.lora_steps = self.lora_steps
         if self.num_steps is not None:
             settings.num_steps = self.num_steps
+        if self.closs_kind is not None:
+            settings.closs_kind = self.closs_kind
         if self.drag_steps is not None:
             settings.drag_options.update(step_budget(variant.method, self.drag_steps))
         settings.drag_options.update(self.drag_options)
@@ -117,7 +123,10 @@ class SceneBenchConfig:
     def identity(self) -> dict:
         """What must match for a results folder to be resumed."""
         keys = ("cases", "seed", "lora_steps", "drag_steps", "num_steps", "drag_options", "sam2", "sam2_size")
-        return {key: getattr(self, key) for key in keys}
+        identity = {key: getattr(self, key) for key in keys}
+        if self.closs_kind is not None:  # absent otherwise, so folders from before the option still resume
+            identity["closs_kind"] = self.closs_kind
+        return identity
 
 
 def user_mask(case: DragCase, margin: int = USER_MASK_MARGIN) -> np.ndarray:

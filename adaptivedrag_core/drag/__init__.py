@@ -3,7 +3,7 @@ AdaptiveDrag; the correspondence loss (CLoss) used while sampling is in :mod:`.c
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -11,7 +11,7 @@ from ..errors import InputError
 from ..progress import ProgressFn
 from .adaptive import AdaptiveOptions, run_adaptive
 from .closs import correspondence_loss
-from .common import DragResult, FeatureFn, parse_options, prepare_problem
+from .common import DragResult, EmptyMaskWarning, FeatureFn, parse_options, prepare_problem
 from .dragdiffusion import DragDiffusionOptions, run_dragdiffusion
 from .freedrag import FreeDragOptions, run_freedrag
 
@@ -32,6 +32,7 @@ def drag(
     mask=None,
     regions=None,
     progress: ProgressFn = None,
+    compute_dtype: Optional[torch.dtype] = None,
     **options,
 ) -> DragResult:
     """Optimise ``latent`` so the content at each handle moves to its target.
@@ -44,10 +45,13 @@ def drag(
             compares the prediction (else the latent) with its value at the starting latent outside the mask.
         handles, targets: sequences of (x, y) in feature-map pixels (floats allowed).
         method: "dragdiffusion", "freedrag" or "adaptive".
-        mask: None or [H,W] bool (tensor or array), True = may change. None: no mask term.
+        mask: None or [H,W] bool (tensor or array), True = may change. None: no mask term. A mask with no True
+            element is treated as None, with an ``EmptyMaskWarning`` (it would freeze everything).
         regions: None or [H,W] int superpixel labels; used by "adaptive" (semantic regions).
         progress: ``progress(step, total)`` after every optimisation step; an exception it raises (a cancel)
             propagates. For "adaptive" ``total`` may grow during the run.
+        compute_dtype: the dtype feature_fn's network computes in (default: the latent's). float16 turns on
+            dynamic loss scaling of the backward passes (:class:`.common.LossScaler`), as a float16 UNet needs.
         **options: the method's hyper-parameters, defaults from the papers: see :class:`DragDiffusionOptions`,
             :class:`FreeDragOptions`, :class:`AdaptiveOptions`.
     Returns:
@@ -64,7 +68,7 @@ def drag(
     options_class, run = METHODS[method]
     parsed = parse_options(options_class, options, method)
     with torch.inference_mode(False), torch.enable_grad():
-        problem = prepare_problem(latent, feature_fn, handles, targets, mask, regions)
+        problem = prepare_problem(latent, feature_fn, handles, targets, mask, regions, compute_dtype)
         return run(problem, parsed, progress)
 
 
@@ -72,6 +76,7 @@ __all__ = [
     "AdaptiveOptions",
     "DragDiffusionOptions",
     "DragResult",
+    "EmptyMaskWarning",
     "FreeDragOptions",
     "METHODS",
     "correspondence_loss",

@@ -1,5 +1,5 @@
 """Pieces shared by the drag optimisers: input checks, feature sampling, patches, point tracking,
-motion supervision, the mask term, the latent optimiser and the result.
+motion supervision, the mask term, the latent optimiser (with loss scaling for float16 networks) and the result.
 
 Coordinates are (x, y) in feature-map pixels, pixel centres at integers (x in [0, W-1]).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -96,6 +97,7 @@ class DragProblem:
     Args:
         latent: starting latent, float32 copy [1,C,h,w].
         dtype: dtype of the caller's latent (feature_fn is called in it, the result is returned in it).
+        compute_dtype: the dtype feature_fn's network computes in (float16 turns on loss scaling).
         feature_fn: the caller's feature function.
         handles, targets: [N,2] float32 (x, y) feature-map pixels.
         mask: None or [H,W] bool, True = may change.
@@ -106,6 +108,7 @@ class DragProblem:
 
     latent: torch.Tensor
     dtype: torch.dtype
+    compute_dtype: torch.dtype
     feature_fn: FeatureFn
     handles: torch.Tensor
     targets: torch.Tensor
@@ -173,8 +176,11 @@ def _map_tensor(value, name: str, size: tuple[int, int], dtype, device) -> Optio
     return tensor.to(dtype)
 
 
-def prepare_problem(latent, feature_fn: FeatureFn, handles, targets, mask=None, regions=None) -> DragProblem:
-    """Check the inputs of :func:`drag` and compute the starting features (one feature_fn call)."""
+def prepare_problem(latent, feature_fn: FeatureFn, handles, targets, mask=None, regions=None,
+                    compute_dtype: Optional[torch.dtype] = None) -> DragProblem:
+    """Check the inputs of :func:`drag` and compute the starting features (one feature_fn call).
+
+    An empty mask is dropped (:func:`usable_mask`); ``compute_dtype`` defaults to the latent's dtype."""
     if not isinstance(latent, torch.Tensor) or latent.dim() != 4 or latent.shape[0] != 1:
         raise InputError(f"latent must be a tensor of shape [1,C,h,w], got "
                          f"{tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__}")
@@ -195,10 +201,11 @@ def prepare_problem(latent, feature_fn: FeatureFn, handles, targets, mask=None, 
     return DragProblem(
         latent=start,
         dtype=latent.dtype,
+        compute_dtype=compute_dtype or latent.dtype,
         feature_fn=feature_fn,
         handles=handle_points,
         targets=target_points,
-        mask=_map_tensor(mask, "mask", size, torch.bool, latent.device),
+        mask=usable_mask(_map_tensor(mask, "mask", size, torch.bool, latent.device)),
         regions=_map_tensor(regions, "regions", size, torch.int64, latent.device),
         features0=features0.detach(),
         prediction0=prediction0.detach(),
@@ -234,9 +241,28 @@ def unit_directions(origins: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 def resize_nearest(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Resize a [H,W] bool mask to ``size`` with nearest sampling."""
-    resized = F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest")
+    """Resize a [H,W] bool mask to ``size`` with nearest sampling, pixel-centre aligned (the rule of
+    ``images.resize_labels``, which maps every mask and label map of the pipeline)."""
+    resized = F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest-exact")
     return resized[0, 0] > 0.5
+
+
+class EmptyMaskWarning(UserWarning):
+    """A mask that lets nothing change was given; it is ignored (treated as no mask)."""
+
+
+EMPTY_MASK_MESSAGE = ("the mask is empty (it lets nothing change) on the grid where it is used, so it is ignored "
+                      "there, as if no mask were given, as the public DragDiffusion and AdaptiveDrag codes do")
+
+
+def usable_mask(mask):
+    """``mask`` (array or tensor, True = may change), or None when it is None or has no True element; an empty
+    mask would freeze everything, so it counts as no mask, with an :class:`EmptyMaskWarning`. Every stage that
+    takes a mask (drag, CLoss, the pipeline) applies this one rule."""
+    if mask is None or bool(mask.any()):
+        return mask
+    warnings.warn(EMPTY_MASK_MESSAGE, EmptyMaskWarning, stacklevel=2)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- patches
@@ -254,23 +280,39 @@ class PatchGeometry:
     the un-dragged image: evaluated in place, a handle could never leave its own superpixel, and the target
     normally lies in another one.
 
+    Fallback (the public code's): when the part of the carried region that lies ahead of the handle, in the
+    half-plane facing its target, is smaller than a quarter of the average superpixel (H W / (4 n_labels), the
+    public code's H W / (4 n_segments)), the patch is instead the half-disc of the patch's radius facing the
+    target. Without it a handle on the target-facing edge of its superpixel could only be tracked backwards or
+    sideways, and the direction check would reject every move.
+
     Args:
         start: original handle positions [N,2].
         motion_radii, tracking_radii: per-handle r_m and r_p [N] (ints).
         feature_size: (H, W).
         regions: None or [H,W] int64 labels.
+        targets: target positions [N,2]; needed with ``regions`` (the fallback faces them).
     """
 
     def __init__(self, start: torch.Tensor, motion_radii: torch.Tensor, tracking_radii: torch.Tensor,
-                 feature_size: tuple[int, int], regions: Optional[torch.Tensor] = None):
+                 feature_size: tuple[int, int], regions: Optional[torch.Tensor] = None,
+                 targets: Optional[torch.Tensor] = None):
         self.start = start.round()
         self.motion_radii = motion_radii
         self.tracking_radii = tracking_radii
         self.size = feature_size
         self.regions = regions
-        self.labels = None if regions is None else regions[self.start[:, 1].long(), self.start[:, 0].long()]
+        self.targets = targets
         self.motion_offsets = window_offsets(int(motion_radii.max()), start.device)
         self.tracking_offsets = window_offsets(int(tracking_radii.max()), start.device)
+        if regions is not None:
+            self.labels = regions[self.start[:, 1].long(), self.start[:, 0].long()]
+            self.own_region = regions[None] == self.labels[:, None, None]  # [N,H,W]
+            self.min_forward_area = regions.numel() / (4 * len(torch.unique(regions)))
+            height, width = feature_size
+            ys, xs = torch.meshgrid(torch.arange(height, device=start.device, dtype=torch.float32),
+                                    torch.arange(width, device=start.device, dtype=torch.float32), indexing="ij")
+            self.grid = torch.stack([xs, ys], dim=-1)  # [H,W,2] (x, y)
 
     def positions(self, centres: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Integer window positions [N,K,2] around the rounded ``centres``."""
@@ -285,13 +327,26 @@ class PatchGeometry:
         if self.regions is None:
             return keep
         # Carry the region along with the handle (see the class docstring).
-        source = positions - (centres.round() - self.start)[:, None, :]
+        shift = centres.round() - self.start
+        source = positions - shift[:, None, :]
         source_inside = _inside(source, height, width)
         source = source.long()
         xs = source[..., 0].clamp(0, width - 1)
         ys = source[..., 1].clamp(0, height - 1)
-        same_region = self.regions[ys, xs] == self.labels[:, None]
-        return keep & source_inside & same_region
+        semantic = keep & source_inside & (self.regions[ys, xs] == self.labels[:, None])
+        ahead = unit_directions(centres.round(), self.targets)
+        facing = (offsets[None] * ahead[:, None, :]).sum(dim=-1) >= 0
+        half_disc = keep & facing & (offsets.norm(dim=1)[None, :] <= radii[:, None])
+        fallback = self.forward_area(shift, ahead) < self.min_forward_area
+        return torch.where(fallback[:, None], half_disc, semantic)
+
+    def forward_area(self, shift: torch.Tensor, ahead: torch.Tensor) -> torch.Tensor:
+        """[N]: positions of each carried region (shifted by ``shift``, inside the map) strictly ahead of the
+        handle, in the half-plane facing the unit direction ``ahead``."""
+        from_start = self.grid[None] - self.start[:, None, None, :]  # s - p0 = q - h for the carried q
+        in_front = (from_start * ahead[:, None, None, :]).sum(dim=-1) > 0
+        carried_inside = _inside(self.grid[None] + shift[:, None, None, :], *self.size)
+        return (self.own_region & in_front & carried_inside).sum(dim=(1, 2))
 
     def motion_weights(self, centres: torch.Tensor) -> torch.Tensor:
         return self.weights(centres, self.motion_offsets, self.motion_radii)
@@ -380,16 +435,81 @@ class MaskPenalty:
 # ----------------------------------------------------------------------------------------------- optimiser
 
 
-class LatentAdam:
-    """Adam on a float32 copy of the latent (DragDiffusion: lr 0.01)."""
+class LossScaler:
+    """Dynamic loss scaling for backward passes through a float16 network, as ``torch.amp.GradScaler`` does.
 
-    def __init__(self, latent: torch.Tensor, lr: float):
+    In float16, gradients below 6e-5 lose precision and those below 6e-8 become zero; a full-size UNet's gradients
+    are that small. The loss is multiplied by ``scale`` (a power of two, so the float32 gradient divided by it
+    again is exact) before the backward pass. When the scaled gradient overflows (inf or nan), the scale halves
+    and the backward pass is repeated on the same graph, so no step is lost; after ``GROWTH_INTERVAL`` steps
+    without overflow it doubles. The graph is therefore kept after the backward pass: callers drop their
+    references to the loss and its inputs before the next forward pass, or both graphs would be alive at once.
+    For float32 and bfloat16 networks it does nothing (scale 1, no retries, no read-back of values).
+
+    Args:
+        compute_dtype: the dtype the network computes in.
+    """
+
+    INITIAL_SCALE = 2.0 ** 16
+    GROWTH_INTERVAL = 100
+
+    def __init__(self, compute_dtype: torch.dtype):
+        self.enabled = compute_dtype == torch.float16
+        self.scale = self.INITIAL_SCALE if self.enabled else 1.0
+        self.steps_since_overflow = 0
+
+    def gradient(self, loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """d loss / d ``tensor`` (a float32 leaf), unscaled. Only ``tensor``'s gradient is computed: nothing
+        accumulates in the network's parameters."""
+        if not self.enabled:
+            return torch.autograd.grad(loss, tensor)[0]
+        while True:
+            (scaled,) = torch.autograd.grad(loss * self.scale, tensor, retain_graph=True)
+            gradient = scaled / self.scale
+            if self.scale <= 1.0 or _all_finite(gradient):
+                break
+            self.scale /= 2
+            self.steps_since_overflow = 0
+        self.steps_since_overflow += 1
+        if self.steps_since_overflow >= self.GROWTH_INTERVAL:
+            self.scale *= 2
+            self.steps_since_overflow = 0
+        return gradient
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # A meta tensor (bench estimate) has no values to check.
+    return tensor.device.type == "meta" or bool(torch.isfinite(tensor).all())
+
+
+class LatentAdam:
+    """Adam on a float32 copy of the latent (DragDiffusion: lr 0.01).
+
+    Args:
+        latent: the starting latent (copied).
+        lr: learning rate.
+        compute_dtype: the dtype the network behind the loss computes in; float16 turns on :class:`LossScaler`.
+        region: None, or a bool tensor broadcastable to the latent: elements outside get a zero gradient, which
+            Adam turns into no update at all, so they stay bitwise unchanged.
+    """
+
+    def __init__(self, latent: torch.Tensor, lr: float, compute_dtype: torch.dtype = torch.float32,
+                 region: Optional[torch.Tensor] = None):
         self.latent = latent.detach().clone().float().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.latent], lr=lr)
+        self.scaler = LossScaler(compute_dtype)
+        self.region = region
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Set and return the latent's gradient of ``loss`` (float32, unscaled, zero outside the region)."""
+        gradient = self.scaler.gradient(loss, self.latent)
+        if self.region is not None:
+            gradient = torch.where(self.region, gradient, torch.zeros_like(gradient))
+        self.latent.grad = gradient
+        return gradient
 
     def step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         self.optimizer.step()
 
 

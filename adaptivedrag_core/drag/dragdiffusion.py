@@ -75,7 +75,7 @@ class StepPolicy:
 def point_drag_loop(problem: DragProblem, geometry: PatchGeometry, policy: StepPolicy, lam: float, lr: float,
                     method: str, progress: ProgressFn = None) -> DragResult:
     """Alternate tracking and motion supervision until every handle arrives or the policy's budget is spent."""
-    optimizer = LatentAdam(problem.latent, lr)
+    optimizer = LatentAdam(problem.latent, lr, problem.compute_dtype)
     penalty = MaskPenalty(problem.mask, problem.prediction0)
     reference = sample_features(problem.features0, problem.handles)
     handles = problem.handles.clone()
@@ -94,6 +94,7 @@ def point_drag_loop(problem: DragProblem, geometry: PatchGeometry, policy: StepP
         loss = motion_supervision_loss(features, handles, problem.targets, geometry, ~done)
         loss = loss + lam * penalty.sum(prediction)
         optimizer.step(loss)
+        del features, prediction, loss  # frees the graph, kept for a loss-scaling retry, before the next forward
         steps += 1
         report(progress, steps, policy.total)
     return make_result(problem, optimizer, handles, steps, method, history, **policy.info())
