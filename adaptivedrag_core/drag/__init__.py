@@ -3,7 +3,7 @@ AdaptiveDrag; the correspondence loss (CLoss) used while sampling is in :mod:`.c
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -11,7 +11,7 @@ from ..errors import InputError
 from ..progress import ProgressFn
 from .adaptive import AdaptiveOptions, run_adaptive
 from .closs import correspondence_loss
-from .common import DragResult, FeatureFn, parse_options, prepare_problem
+from .common import DragResult, DragStart, FeatureFn, drag_start, parse_options, prepare_problem
 from .dragdiffusion import DragDiffusionOptions, run_dragdiffusion
 from .freedrag import FreeDragOptions, run_freedrag
 
@@ -32,6 +32,7 @@ def drag(
     mask=None,
     regions=None,
     progress: ProgressFn = None,
+    start: Optional[DragStart] = None,
     **options,
 ) -> DragResult:
     """Optimise ``latent`` so the content at each handle moves to its target.
@@ -48,6 +49,8 @@ def drag(
         regions: None or [H,W] int superpixel labels; used by "adaptive" (semantic regions).
         progress: ``progress(step, total)`` after every optimisation step; an exception it raises (a cancel)
             propagates. For "adaptive" ``total`` may grow during the run.
+        start: the starting features and prediction (:func:`drag_start` of the same latent and feature_fn), e.g.
+            kept from an earlier drag of the same latent; None computes them (one feature_fn call).
         **options: the method's hyper-parameters, defaults from the papers: see :class:`DragDiffusionOptions`,
             :class:`FreeDragOptions`, :class:`AdaptiveOptions`.
     Returns:
@@ -64,7 +67,7 @@ def drag(
     options_class, run = METHODS[method]
     parsed = parse_options(options_class, options, method)
     with torch.inference_mode(False), torch.enable_grad():
-        problem = prepare_problem(latent, feature_fn, handles, targets, mask, regions)
+        problem = prepare_problem(latent, feature_fn, handles, targets, mask, regions, start)
         return run(problem, parsed, progress)
 
 
@@ -72,8 +75,10 @@ __all__ = [
     "AdaptiveOptions",
     "DragDiffusionOptions",
     "DragResult",
+    "DragStart",
     "FreeDragOptions",
     "METHODS",
     "correspondence_loss",
     "drag",
+    "drag_start",
 ]

@@ -179,12 +179,14 @@ def drag_to(problem: DragProblem, optimizer: LatentAdam, penalty: MaskPenalty, c
     """
     drag_step = 0
     while True:
-        features, prediction = problem.evaluate(optimizer.latent)
+        # The evaluation that ends a drag by its step limits needs no gradient, and only the features.
+        end = drag_step == options.max_drag_steps or steps >= options.max_steps
+        features, prediction = problem.evaluate(optimizer.latent, features_only=end)
         features = features / unit
         losses = patch_distance(features, current[:, None, :], templates, offsets)[:, 0]
         if drag_step == 0:
             loss_in = losses.detach()
-        if drag_step == options.max_drag_steps or losses.max() <= 0.5 * options.l or steps >= options.max_steps:
+        if end or losses.max() <= 0.5 * options.l:
             return loss_in, losses.detach(), features.detach(), steps
         optimizer.step(losses.sum() + options.gamma * penalty.mean(prediction))
         drag_step += 1
