@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .graphs import NoiseStep
 from .inversion import DDIMSchedule, ddim_step, predict_clean, unet_noise_fn
 from .progress import ProgressFn, report
 from .reference import ReferenceRecording, reference_control
@@ -97,6 +98,7 @@ def sample_dragged(
     progress: ProgressFn = None,
     uncond_embeddings=None,
     guidance_scale: float = 1.0,
+    graphs=None,
 ) -> torch.Tensor:
     """Denoise the dragged z_t to z_0 with the reference keys/values replayed, optionally with CLoss.
 
@@ -110,6 +112,8 @@ def sample_dragged(
         handles, targets: points in latent-grid pixels (needed by CLoss).
         progress: ``progress(step, total)``.
         uncond_embeddings, guidance_scale: classifier-free guidance (off at scale 1); as for the recording.
+        graphs: a :class:`~adaptivedrag_core.graphs.StepGraphs`: the UNet calls run as capture-ready steps
+            (:class:`~adaptivedrag_core.graphs.NoiseStep`), replayed from CUDA graphs when it is enabled.
     """
     use_closs = closs is not None and closs.weight > 0
     if use_closs and (original_latent is None or not handles):
@@ -117,6 +121,8 @@ def sample_dragged(
     optimizer = None
     with torch.inference_mode(False), reference_control(unet, reference.recording, start_layer, start_step) as control:
         noise_fn = _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale)
+        if graphs is not None:
+            noise_fn = NoiseStep(noise_fn, graphs, "sampling", control)
         latent = dragged_latent.detach().clone()
         if use_closs:
             original_latent = original_latent.clone()
