@@ -11,7 +11,7 @@ from adaptivedrag_core.bench.estimate import CostCounter, EstimateConfig, estima
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.models import tiny_sd_components
 
-STAGES = ["prepare", "lora", "inversion", "reference", "drag_start", "drag", "sampling", "vae_decode"]
+STAGES = ["prepare", "lora", "inversion", "reference", "drag_start", "drag", "drag_end", "sampling", "vae_decode"]
 # 2 inversion and sampling steps, no SAM2 stage
 SMALL = dict(size=64, num_steps=4, strength=0.5, lora_steps=10, drag_steps=20, sam2_size="none")
 
@@ -57,6 +57,13 @@ def test_meta_estimate_matches_a_real_run_on_the_cpu():
     assert meta["weights_bytes"] == real["weights_bytes"] > 0
     assert meta["reference_recording_bytes"] == real["reference_recording_bytes"] > 0
     assert _flops(meta) == _flops(real)
+    assert meta["unet_forward_launches"] == real["unet_forward_launches"]
+    for name, stage in meta["stages"].items():
+        if name in ("prepare", "lora"):  # copies to the device (the prompt's token ids, the LoRA's noise drawn
+            # on the host): a kernel on meta, as on a GPU; none on the CPU
+            assert 0 < stage["launches_per_step"] - real["stages"][name]["launches_per_step"] <= 2, name
+            continue
+        assert stage["launches_per_step"] == real["stages"][name]["launches_per_step"] > 0, name
     for stage, peak in _peaks(meta).items():
         assert peak == pytest.approx(_peaks(real)[stage], rel=0.01), stage
 
@@ -81,6 +88,12 @@ def test_report_weights_peak_target_and_totals():
     total = sum(stage["flop_per_step"] * stage["edit_steps"] for stage in stages.values())
     assert report["first_edit_tflop"] == pytest.approx(total / 1e12, abs=1e-3)
     assert 0 < report["re_drag_tflop"] < report["first_edit_tflop"]
+    re_drag = sum(stages[name]["flop_per_step"] * stages[name]["edit_steps"]
+                  for name in ("drag", "drag_end", "sampling", "vae_decode"))  # the rest is cached
+    assert report["re_drag_tflop"] == pytest.approx(re_drag / 1e12, abs=1e-3)
+    # The merged identity LoRA adds no kernel to a forward pass; peft's unmerged layers add several per projection.
+    launches = report["unet_forward_launches"]
+    assert launches["merged_identity_lora"] == launches["plain"] < launches["unmerged_peft_lora"]
     json.dumps(report)
 
 
@@ -89,6 +102,7 @@ def test_flops_follow_the_passes_each_step_makes():
     forward = flops["inversion"]
     assert flops["reference"] == pytest.approx(forward, rel=0.01)  # one forward per step, no gradient
     assert flops["drag_start"] == pytest.approx(forward, rel=0.05)  # one forward (and the feature resize)
+    assert flops["drag_end"] < 0.9 * flops["drag_start"]  # the same forward, stopped after the feature block
     # A backward pass for the input's gradient costs up to one forward more (less: the first layers need none),
     # and one for the weights' gradients on top: LoRA's are small.
     assert 1.5 * forward < flops["drag"] < 3 * forward
@@ -97,6 +111,26 @@ def test_flops_follow_the_passes_each_step_makes():
     no_closs = _flops(_estimate(method="dragdiffusion"))
     # One forward, less the key/value projections of the layers that replay the reference's.
     assert 0.9 * forward < no_closs["sampling"] < forward
+
+
+def test_the_drag_budget_is_each_method_s():
+    """DragDiffusion 80 steps; AdaptiveDrag n = 80 growing up to n_max = 300; FreeDrag 300 steps and one more
+    evaluation per drag of at most 5 steps (at least 60), up to one per step when drags end early."""
+    budgets = {}
+    for method in ("dragdiffusion", "adaptive", "freedrag"):
+        report = _estimate(method=method, drag_steps=None)
+        stages = report["stages"]
+        budgets[method] = [(stages[name]["edit_steps"], stages[name]["edit_steps_most"]) for name in ("drag", "drag_end")]
+        most_is_more = report["first_edit_tflop_most"] > report["first_edit_tflop"]
+        assert most_is_more is (method != "dragdiffusion")
+        assert report["re_drag_tflop_most"] - report["re_drag_tflop"] == pytest.approx(
+            report["first_edit_tflop_most"] - report["first_edit_tflop"], abs=2e-3)
+        assert report["re_drag_launches_most"] >= report["re_drag_launches"] > 0
+    assert budgets == {"dragdiffusion": [(80, 80), (1, 1)], "adaptive": [(80, 300), (1, 1)],
+                       "freedrag": [(300, 300), (60, 300)]}
+    config = EstimateConfig(method="adaptive", drag_steps=10, drag_max_steps=25)
+    assert (config.drag_steps, config.drag_max_steps, config.drag_evaluations()) == (10, 25, (1, 1))
+    assert EstimateConfig(method="freedrag", drag_steps=12).drag_evaluations() == (3, 12)
 
 
 def test_gradient_checkpointing_lowers_the_lora_peak_and_adds_a_recomputation():
@@ -119,6 +153,8 @@ def test_a_bigger_image_or_batch_needs_more():
 @pytest.mark.parametrize("bad, message", [
     (dict(size=100), "multiple of 8"), (dict(method="warp"), "unknown method"), (dict(dtype="fp8"), "fp16 or bf16"),
     (dict(drag_steps=0), "drag-steps must be at least 1"),
+    (dict(drag_steps=50, drag_max_steps=40), "must be at least drag-steps"),
+    (dict(method="freedrag", drag_max_steps=400), "only AdaptiveDrag's budget grows"),
 ])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(InputError, match=message):
