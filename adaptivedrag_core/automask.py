@@ -311,22 +311,28 @@ def _coverage_warnings(mask: np.ndarray) -> list[str]:
     ]
 
 
-# Overlay colours: the mask tint and the superpixel borders.
+# Overlay: the mask lightly tinted and outlined, the rest dimmed, superpixel borders faint, so the editable
+# region reads at a glance and the picture stays visible.
 MASK_TINT = (40, 220, 120)
-MASK_TINT_ALPHA = 0.4
-BORDER_COLOUR = (255, 230, 0)
+MASK_TINT_ALPHA = 0.3
+OUTSIDE_BRIGHTNESS = 0.45
+BORDER_COLOUR = (255, 255, 255)
+BORDER_ALPHA = 0.35
 
 
 def render_overlay(image, result: AutoMaskResult, points: DragPoints) -> Image.Image:
-    """A picture for a person: the mask tinted green, superpixel borders in yellow, numbered arrows
-    (red handle, blue target). Same size as the image."""
+    """A picture for a person: the mask tinted green with a green outline, the rest dimmed, faint one-pixel
+    superpixel borders, numbered arrows (red handle, blue target). Same size as the image."""
     from skimage.segmentation import find_boundaries
 
     pixels = as_rgb_array(image).astype(np.float32)
     mask = result.mask[..., None]
-    tinted = np.where(mask, (1 - MASK_TINT_ALPHA) * pixels + MASK_TINT_ALPHA * np.array(MASK_TINT), pixels)
-    tinted[find_boundaries(result.regions, mode="inner")] = BORDER_COLOUR
-    return draw_arrows(Image.fromarray(tinted.round().astype(np.uint8)), points)
+    shown = np.where(mask, (1 - MASK_TINT_ALPHA) * pixels + MASK_TINT_ALPHA * np.array(MASK_TINT),
+                     OUTSIDE_BRIGHTNESS * pixels)
+    borders = find_boundaries(result.regions, mode="inner")
+    shown[borders] = (1 - BORDER_ALPHA) * shown[borders] + BORDER_ALPHA * np.array(BORDER_COLOUR)
+    shown[find_boundaries(result.mask, mode="thick")] = MASK_TINT
+    return draw_arrows(Image.fromarray(shown.round().astype(np.uint8)), points)
 
 
 def regions_image(regions: np.ndarray) -> Image.Image:

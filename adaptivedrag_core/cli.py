@@ -19,8 +19,8 @@ from .outputs import check_outputs, save_image
 
 DEMO_DRAG = "150,152:196,140"
 DEMO_NOTE = (
-    "demo: the model is a tiny random-weight stand-in for SD1.5, so the output is noise, not an edit. "
-    "Pass --model with your SD1.5 checkpoint for a real edit."
+    "demo: the model is the project's own small scene model (128 px, trained on procedural scenes like this "
+    "picture), not SD1.5: it edits scenes of that kind only. Pass --model with your SD1.5 checkpoint for photos."
 )
 
 
@@ -109,7 +109,7 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="keep LoRA weights and inversions here across runs")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--demo", action="store_true",
-                   help="no model needed: tiny random-weight model on the bundled sample image (output is noise)")
+                   help="no model needed: the bundled scene model on the bundled sample picture")
     p.set_defaults(run=run_edit)
 
 
@@ -210,7 +210,7 @@ def run_edit(args) -> int:
     save_image(result.image, out, args.force)
     from .preview import side_by_side
 
-    save_image(side_by_side(image, result.image, points), preview_path(out), args.force)
+    save_image(side_by_side(image, result.image, points, result.final_handles), preview_path(out), args.force)
     final = ", ".join(f"({x:.1f}, {y:.1f})" for x, y in result.final_handles)
     print(f"wrote {out} and {preview_path(out)}; handles ended at {final} after {result.drag_steps} drag steps")
     if args.demo:
@@ -227,9 +227,9 @@ def _settings(args):
                             lora_gradient_checkpointing=checkpointing_choice(args), cuda_graphs=graphs_choice(args))
     drag_steps = args.drag_steps
     if args.demo:
-        # Small enough to finish in well under a minute on 2 CPU cores.
-        settings.work_size, settings.lora_steps = 128, 10
-        drag_steps = drag_steps or 20
+        from .scene_model import scene_model_info
+
+        settings.work_size = scene_model_info()["native_size"]  # the model's own size, as the README says
     if args.lora_steps is not None:
         settings.lora_steps = args.lora_steps
     if args.work_size is not None:
@@ -270,12 +270,15 @@ def _check_device(device: str) -> None:
 def _pipeline(args, cache):
     """The pipeline for ``--model`` (or the demo's model). With a cache folder, the model's cache identity is the
     content of its files and of ``--tokenizer`` (hashed once, then remembered by size and modification time)."""
-    from .models import load_sd15, model_files, tiny_sd_components
+    from .models import load_sd15, model_files
     from .pipeline import DragPipeline
 
     if args.demo:
-        print("demo: running on a tiny random-weight stand-in for SD1.5 (nothing is downloaded)")
-        components, model_id = tiny_sd_components(seed=0), "tiny-random-0"
+        from .scene_model import SCENE_MODEL_DIR, load_scene_model
+
+        print("demo: running on the bundled scene model (nothing is downloaded)")
+        components = load_scene_model()
+        model_id = cache.fingerprint(model_files(SCENE_MODEL_DIR)) if cache else "scene-model"
     else:
         components = load_sd15(args.model, tokenizer_path=args.tokenizer)
         # Without a cache folder the id only names the model: nothing outlives the process.

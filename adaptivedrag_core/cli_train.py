@@ -1,7 +1,7 @@
 """``train-scenes``: train the scene model (:mod:`scene_training`), resumable.
 
     python -m adaptivedrag_core train-scenes [--out DIR] [--device cpu|cuda] [--seed 0]
-        [--scenes N] [--vae-steps N] [--unet-steps N]
+        [--scenes N] [--vae-steps N] [--unet-steps N] [--size 128]
 
 The defaults reproduce the shipped model (``adaptivedrag_core/scene_model``). Run it again with the same
 ``--out`` to resume after an interruption.
@@ -30,6 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"VAE steps (default {defaults.vae_steps})")
     p.add_argument("--unet-steps", type=int, default=defaults.unet_steps,
                    help=f"UNet steps (default {defaults.unet_steps})")
+    p.add_argument("--size", type=int, default=defaults.spec.native_size,
+                   help=f"native image size, a multiple of 64 (default {defaults.spec.native_size}; 256 gives 32x32 "
+                   "latents, four times the compute: a GPU run)")
     p.set_defaults(run=run_train)
     return p
 
@@ -43,9 +46,13 @@ def run_train(args) -> int:
     for name in ("scenes", "vae_steps", "unet_steps"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.size < 64 or args.size % 64:
+        raise InputError(f"--size must be a multiple of 64 (the UNet halves the 8x smaller latents three times), "
+                         f"got {args.size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA device is available")
-    plan = replace(TrainingPlan(), seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps,
-                   unet_steps=args.unet_steps)
+    defaults = TrainingPlan()
+    plan = replace(defaults, seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                   spec=replace(defaults.spec, native_size=args.size))
     train_scene_model(args.out, plan, device=args.device)
     return 0

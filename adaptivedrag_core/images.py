@@ -180,6 +180,14 @@ def resize_levels(levels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
 
 
+def resize_rgb(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3] at (width, height), Lanczos as the working copy and its restore use; unchanged when
+    it has that size already. For callers that hold arrays (the ComfyUI nodes)."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    return np.asarray(Image.fromarray(pixels, "RGB").resize((width, height), Image.LANCZOS))
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()

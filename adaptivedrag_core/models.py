@@ -7,6 +7,7 @@ the same architecture family with tiny widths for tests and the demo.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,14 +351,34 @@ def _load_diffusers_folder(folder: Path, configs: dict, dtype: torch.dtype) -> d
     for part in MODEL_PARTS:
         subfolder = folder / part
         try:
-            module = classes[part].from_pretrained(
-                subfolder, local_files_only=True, variant=weights_variant(subfolder), torch_dtype=dtype
-            )
+            with _quiet_loading():
+                module = classes[part].from_pretrained(
+                    subfolder, local_files_only=True, variant=weights_variant(subfolder), torch_dtype=dtype
+                )
         except (OSError, ValueError, KeyError) as error:
             raise InputError(f"cannot load the {_PART_NAMES[part]} from {subfolder}: {error}") from error
         _check_weights(part, module.state_dict(), _expected_shapes(part, configs[part]), subfolder)
         modules[part] = module
     return modules
+
+
+@contextmanager
+def _quiet_loading():
+    """No "Loading weights" progress bars from transformers or diffusers: a load takes a fraction of a second,
+    and the bars would land in the CLI's one-line messages."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    shown = (transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled())
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            transformers_logging.enable_progress_bar()
+        if shown[1]:
+            diffusers_logging.enable_progress_bar()
 
 
 def weights_variant(subfolder: Path) -> Optional[str]:

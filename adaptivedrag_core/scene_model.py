@@ -124,14 +124,20 @@ def save_scene_model(components: SDComponents, folder: Path, info: dict) -> None
     (folder / SCENE_MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def load_scene_model(folder: Optional[Path] = None, device=None) -> SDComponents:
-    """Load the scene model (default: the one shipped in the package), offline, as :class:`SDComponents`."""
+def scene_model_info(folder: Optional[Path] = None) -> dict:
+    """What ``scene_model.json`` says of a scene model (its native size, how it was trained)."""
     folder = Path(folder) if folder is not None else SCENE_MODEL_DIR
     info_file = folder / SCENE_MODEL_INFO
     if not info_file.is_file():
         raise InputError(f"no scene model in {folder} (no {SCENE_MODEL_INFO}); train one with "
                          "'python -m adaptivedrag_core train-scenes'")
-    info = json.loads(info_file.read_text(encoding="utf-8"))
+    return json.loads(info_file.read_text(encoding="utf-8"))
+
+
+def load_scene_model(folder: Optional[Path] = None, device=None) -> SDComponents:
+    """Load the scene model (default: the one shipped in the package), offline, as :class:`SDComponents`."""
+    folder = Path(folder) if folder is not None else SCENE_MODEL_DIR
+    info = scene_model_info(folder)
     components = load_sd15(folder, device=device, config_dir=folder)
     components.native_size = int(info["native_size"])
     return components

@@ -103,6 +103,7 @@ def train_scene_model(out_dir, plan: TrainingPlan = TrainingPlan(), device="cpu"
     folder = out_dir / "model"
     components.to(device="cpu")
     info = {"native_size": plan.spec.native_size, "latent_scale": scale, "training": plan.info(),
+            "data_digest": data_digest(images),
             "training_seconds": {"vae": round(vae_seconds, 1), "unet": round(unet_seconds, 1)},
             "trained_on": str(device)}
     save_scene_model(components, folder, info)
@@ -140,6 +141,12 @@ def scene_dataset(out_dir: Path, plan: TrainingPlan, progress=None) -> tuple[np.
     _atomic(images_file, lambda path: np.save(path, images))
     _atomic(captions_file, lambda path: Path(path).write_text(json.dumps(captions), encoding="utf-8"))
     return images, captions
+
+
+def data_digest(images: np.ndarray, count: int = 16) -> str:
+    """sha256 of the first ``count`` training scenes: recorded with the model, so a change to the scene
+    generator that would make ``train-scenes`` train on other pictures is caught (``tests/test_scene_model.py``)."""
+    return hashlib.sha256(np.ascontiguousarray(images[:count]).tobytes()).hexdigest()
 
 
 def _to_pixels(images: np.ndarray) -> torch.Tensor:

@@ -369,8 +369,11 @@ def random_object(rng: np.random.Generator, kind: str, background: Background, s
         horizon = float(background.horizon_y(np.array([x]), size)[0])
         y = float(rng.uniform(radius + 2, max(radius + 3, horizon - radius - 2)))
     else:
-        radius = scale if scale is not None else {"ball": rng.uniform(7, 15), "box": rng.uniform(7, 14),
-                                                  "tree": rng.uniform(12, 22), "house": rng.uniform(11, 18)}[kind] * unit
+        # Every kind's size is drawn (and the others thrown away): the random stream, hence every scene of the
+        # training set and of the benchmark, depends on it.
+        sizes = {"ball": rng.uniform(7, 15), "box": rng.uniform(7, 14), "tree": rng.uniform(12, 22),
+                 "house": rng.uniform(11, 18)}
+        radius = scale if scale is not None else sizes[kind] * unit
         aspect = {"ball": 1.0, "box": float(rng.uniform(0.8, 1.4)), "tree": float(rng.uniform(0.55, 0.75)),
                   "house": float(rng.uniform(0.8, 1.1))}[kind]
         x = float(rng.uniform(radius * aspect + 2, size - radius * aspect - 2))

@@ -4,10 +4,11 @@
 ``comfy_schema.py``; everything else here runs without ComfyUI.
 """
 
-from . import closs_sampler, ddim_inversion, drag_points, identity_lora, sam2_mask, semantic_drag
+from . import closs_sampler, ddim_inversion, drag_points, identity_lora, sam2_mask, semantic_drag, working_copy
 
 NODE_SPECS = (
     drag_points.SPEC,
+    working_copy.SPEC,
     sam2_mask.LOADER_SPEC,
     sam2_mask.MASK_SPEC,
     identity_lora.SPEC,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -13,9 +14,14 @@ from adaptivedrag_core.lora import identity_lora
 from adaptivedrag_core.models import SD15_SCHEDULER_CONFIG
 from adaptivedrag_core.pipeline import VAE_DOWNSCALE, EditSettings
 
-from .bridge import CoreModel, check_text_width, core_model, ordinary, scaled_latent, text_embeddings
+from .bridge import (CoreModel, bridged_model, check_text_width, latent_samples, ordinary, scaled_latent,
+                     text_embeddings)
 from .runtime import node_progress, release_memory
 from .spec import IDENTITY_LORA, INVERTED_LATENT, InputSpec, NodeResult, NodeSpec, OutputSpec
+from .working_copy import WorkingCopy, working_copy_of
+
+# Reference recordings kept per inversion (each is about 0.8 GiB at 512 px): the last two start settings tried.
+REFERENCES_KEPT = 2
 
 
 @dataclass(frozen=True)
@@ -29,9 +35,11 @@ class InvertedLatent:
         inverted_latent: z_t at ``schedule.start_timestep``.
         schedule: the DDIM schedule from z_t back to z_0.
         text_embeddings: the prompt's embeddings [1, 77, D].
-        references: reference-branch recordings (on the CPU) by (start layer, start step), filled in by the
-            CLoss Sampler the first time it needs one. They depend only on this inversion, so every re-drag of
-            the same image reuses them, as it reuses the inversion itself.
+        working_copy: the input image and working size when the latent came from Encode Working Copy; None
+            when it came from VAE Encode (the image is then the latent's own size).
+        references: reference-branch recordings (on the CPU) by (start layer, start step), made by the CLoss
+            Sampler the first time it needs one (:meth:`reference`). They depend only on this inversion, so every
+            re-drag of the same image reuses them, as it reuses the inversion itself.
     """
 
     model: Any
@@ -40,12 +48,29 @@ class InvertedLatent:
     inverted_latent: torch.Tensor
     schedule: DDIMSchedule
     text_embeddings: torch.Tensor
-    references: dict = field(default_factory=dict, repr=False, compare=False)
+    working_copy: Optional[WorkingCopy] = None
+    references: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+
+    @property
+    def working_size(self) -> tuple[int, int]:
+        """(width, height) in pixels of the image the latent encodes (the working copy)."""
+        return self.clean_latent.shape[-1] * VAE_DOWNSCALE, self.clean_latent.shape[-2] * VAE_DOWNSCALE
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(width, height) in pixels of the image the latent encodes."""
-        return self.clean_latent.shape[-1] * VAE_DOWNSCALE, self.clean_latent.shape[-2] * VAE_DOWNSCALE
+        """(width, height) in pixels of the input image, the one points and masks are given on."""
+        return self.working_copy.original_size if self.working_copy is not None else self.working_size
+
+    def reference(self, key: tuple, record: Callable[[], Any]):
+        """The reference recording for ``key`` (start layer, start step): a kept one, or ``record()``'s, which is
+        kept, forgetting the least recently used beyond :data:`REFERENCES_KEPT`."""
+        if key in self.references:
+            self.references.move_to_end(key)
+        else:
+            self.references[key] = record()
+            while len(self.references) > REFERENCES_KEPT:
+                self.references.popitem(last=False)
+        return self.references[key]
 
 
 def lora_context(core: CoreModel, lora: Optional[dict]):
@@ -68,17 +93,20 @@ def invert(model, latent: dict, positive: list, lora: Optional[dict] = None, ste
     from diffusers import DDIMScheduler
 
     EditSettings(num_steps=steps, strength=strength).validate()
-    core = core_model(model)
     embeddings = text_embeddings(positive)
-    check_text_width(embeddings, core)
     schedule = make_schedule(DDIMScheduler(**SD15_SCHEDULER_CONFIG), steps, strength)
-    clean = scaled_latent(latent, core)
-    with lora_context(core, lora):
-        inverted = ddim_invert(unet_noise_fn(core.unet, embeddings.to(core.device)), clean, schedule,
-                               node_progress())
+    with bridged_model(model, stage="inversion", latent=latent_samples(latent)) as core:
+        check_text_width(embeddings, core)
+        clean = scaled_latent(latent, core)
+        with lora_context(core, lora):
+            inverted = ddim_invert(unet_noise_fn(core.unet, embeddings.to(core.device)), clean, schedule,
+                                   node_progress())
     release_memory()
-    return NodeResult((InvertedLatent(model, lora, ordinary(clean, "cpu"), ordinary(inverted, "cpu"), schedule,
-                                      ordinary(embeddings, "cpu")),))
+    result = InvertedLatent(model, lora, ordinary(clean, "cpu"), ordinary(inverted, "cpu"), schedule,
+                            ordinary(embeddings, "cpu"), working_copy_of(latent))
+    note = (f"inverted {len(schedule.timesteps)} of {steps} DDIM steps at {'x'.join(map(str, result.working_size))}"
+            + (" with the identity LoRA" if lora else ", no identity LoRA"))
+    return NodeResult((result,), notes=[note])
 
 
 SPEC = NodeSpec(

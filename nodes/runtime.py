@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -99,3 +101,11 @@ def model_path(folder_name: str, file_name: str) -> str:
     if path is None:
         raise InputError(f"model file {file_name!r} not found in models/{folder_name}")
     return path
+
+
+def cache_folder(name: str) -> Optional[Path]:
+    """``ComfyUI/user/adaptivedrag/<name>``, where the pack keeps results across restarts; None outside ComfyUI."""
+    folder_paths = _folder_paths()
+    if folder_paths is None:
+        return None
+    return Path(folder_paths.get_user_directory()) / "adaptivedrag" / name

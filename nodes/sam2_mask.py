@@ -10,7 +10,7 @@ import torch
 from adaptivedrag_core.automask import DEFAULT_N_SEGMENTS, VARIANTS, auto_mask, render_overlay
 from adaptivedrag_core.sam2_loader import SIZES, load_sam2, sam2_on
 
-from .bridge import comfy_image, comfy_mask, image_array, image_size
+from .bridge import comfy_image, comfy_mask, for_display, image_array, image_size
 from .runtime import model_files, model_path, node_progress, register_model_folder, release_memory, torch_device
 from .spec import DRAG_POINTS, SAM2_MODEL, SUPERPIXELS, InputSpec, NodeResult, NodeSpec, OutputSpec
 
@@ -52,16 +52,20 @@ def superpixel_mask(image: torch.Tensor, drag_points, sam2_model: Optional[objec
         n_segments: SLIC's target number of superpixels.
 
     Returns:
-        MASK [1, H, W] (1 = may change), SUPERPIXELS (int labels [H, W]) and an overlay IMAGE.
+        MASK [1, H, W] (1 = may change), SUPERPIXELS (int labels [H, W]) and an overlay IMAGE, which the node
+        also shows; the core's warnings (no SAM2, a mask covering almost everything) go on the node.
     """
     drag_points.check_image_size(*image_size(image))
     pixels = image_array(image)
     with sam2_on(sam2_model, torch_device()):
         result = auto_mask(pixels, drag_points, sam2_model, variant=variant, n_segments=n_segments,
                            progress=node_progress())
-    overlay = np.asarray(render_overlay(pixels, result, drag_points))
+    overlay = comfy_image(np.asarray(render_overlay(pixels, result, drag_points)))
     release_memory()
-    return NodeResult((comfy_mask(result.mask), result.regions, comfy_image(overlay)))
+    note = (f"mask covers {result.coverage:.0%} of the image; {len(np.unique(result.regions))} superpixels "
+            f"({variant}{', SAM2' if sam2_model is not None else ', colour only'})")
+    return NodeResult((comfy_mask(result.mask), result.regions, overlay), ui_images={"images": for_display(overlay)},
+                      notes=[note])
 
 
 LOADER_SPEC = NodeSpec(

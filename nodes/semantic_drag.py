@@ -12,12 +12,20 @@ from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.pipeline import METHODS, EditSettings, drag_on_features, feature_grid_size
 from adaptivedrag_core.points import DragPoints, map_point
 
-from .bridge import core_model, mask_array, ordinary
+from .bridge import bridged_model, fit_map, ordinary, user_mask
 from .ddim_inversion import InvertedLatent, lora_context
 from .runtime import node_progress, release_memory
 from .spec import (DRAG_POINTS, DRAGGED_LATENT, INVERTED_LATENT, SUPERPIXELS, InputSpec, NodeResult, NodeSpec,
                    OutputSpec)
 
+# The widgets each method uses; the page shows only the chosen method's (web/adaptivedrag_nodes.js keeps a copy).
+METHOD_WIDGETS = {
+    "adaptive": ("steps", "max_steps", "lr", "motion_radius", "tracking_radius", "mask_weight", "superpixel_radii",
+                 "feature_scale"),
+    "freedrag": ("max_steps", "lr", "freedrag_l", "freedrag_d", "freedrag_window_radius", "freedrag_gamma",
+                 "feature_scale"),
+    "dragdiffusion": ("steps", "lr", "motion_radius", "tracking_radius", "mask_weight", "feature_scale"),
+}
 
 
 @dataclass(frozen=True)
@@ -27,7 +35,7 @@ class DraggedLatent:
     Args:
         inversion: the un-dragged state it started from (reference branch, schedule, LoRA).
         latent: the optimised z_t (scaled, CPU).
-        points: the requested pairs, in the pixels of the image the latent encodes.
+        points: the requested pairs, in the input image's pixels (``inversion.image_size``).
         final_handles: where the optimiser left each handle, same pixels.
         steps: optimisation steps used.
     """
@@ -54,29 +62,25 @@ def method_options(method: str, steps: int, max_steps: int, lr: float, motion_ra
 
 
 def points_for_latent(points: DragPoints, inversion: InvertedLatent) -> DragPoints:
-    """The points in the pixels of the image the latent encodes.
+    """The points in the pixels of the input image (``inversion.image_size``).
 
-    VAE Encode crops an image to a multiple of 8 pixels, so a few pixels of difference are expected and
-    rescaled away; anything more means the points belong to another image.
+    VAE Encode crops an image to a multiple of 8 pixels, so without Encode Working Copy a few pixels of
+    difference are expected and rescaled away; anything more means the points belong to another image.
     """
     width, height = inversion.image_size
     if (points.width, points.height) == (width, height):
         return points
-    if abs(points.width - width) < 8 and abs(points.height - height) < 8:
+    if inversion.working_copy is None and abs(points.width - width) < 8 and abs(points.height - height) < 8:
         return points.rescaled(width, height)
+    source = "Encode Working Copy" if inversion.working_copy is not None else "VAE Encode"
     raise InputError(f"image is {width}x{height} (from the latent) but points were placed on "
-                     f"{points.width}x{points.height}; connect the same image to Drag Points and VAE Encode")
+                     f"{points.width}x{points.height}; connect the same image to Drag Points and {source}")
 
 
-def check_image_sized(array: Optional[np.ndarray], name: str, points: DragPoints) -> Optional[np.ndarray]:
-    """``array`` (a mask or label map), after checking it has the size of the image the points belong to."""
-    if array is None:
-        return None
-    array = np.asarray(array)
-    if array.shape[:2] != (points.height, points.width):
-        raise InputError(f"{name} is {array.shape[1]}x{array.shape[0]} but the points were placed on "
-                         f"{points.width}x{points.height}")
-    return array
+def handle_ends(points: DragPoints, final_handles: list) -> str:
+    """Where each handle ended against its target, for a person: ``1 (x, y) for (tx, ty); 2 ...``."""
+    return "; ".join(f"{number} ({x:.0f}, {y:.0f}) for ({tx:.0f}, {ty:.0f})" for number, ((x, y), (tx, ty))
+                     in enumerate(zip(final_handles, points.targets), start=1))
 
 
 def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str = "adaptive",
@@ -91,8 +95,10 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
         inverted: from DDIM Inversion.
         drag_points: from Drag Points, placed on the edited image.
         method: "adaptive", "freedrag" or "dragdiffusion".
-        mask: optional MASK (1 = may change) at the image's size; outside it the image is kept.
-        superpixels: optional SUPERPIXELS from SAM2 Superpixel Mask (AdaptiveDrag's semantic regions).
+        mask: optional MASK (1 = may change); outside it the image is kept. Another size than the image's is
+            mapped onto it; an empty one (Load Image's placeholder for a picture without alpha) means no mask.
+        superpixels: optional SUPERPIXELS from SAM2 Superpixel Mask (AdaptiveDrag's semantic regions), mapped
+            onto the image like the mask.
         steps: DragDiffusion's step count / AdaptiveDrag's n (80).
         max_steps: AdaptiveDrag's n_max / FreeDrag's step budget (300).
         lr: Adam learning rate on the latent (0.01).
@@ -107,21 +113,25 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
     EditSettings(method=method, drag_options=options, feature_scale=feature_scale).validate()
     points = points_for_latent(drag_points, inverted)
     width, height = inverted.image_size
-    grid_size = feature_grid_size(width, height, feature_scale)
+    grid_size = feature_grid_size(*inverted.working_size, feature_scale)
     handles, targets = points.to_grid(*grid_size)
-    user_mask = None if mask is None else mask_array(mask, points.width, points.height)
-    user_mask = check_image_sized(user_mask, "mask", points)
-    regions = check_image_sized(superpixels, "superpixels", points) if method == "adaptive" else None
+    fitted_mask = user_mask(mask, width, height)
+    fitted_regions = fit_map(superpixels, "superpixels", width, height) if (
+        method == "adaptive" and superpixels is not None) else None
+    notes = [fitted.note for fitted in (fitted_mask, fitted_regions) if fitted is not None and fitted.note]
 
-    core = core_model(inverted.model, trainable=True)
-    with lora_context(core, inverted.lora):
-        result = drag_on_features(core.unet, inverted.text_embeddings.to(core.device), inverted.schedule,
-                                  inverted.inverted_latent.to(core.device), handles, targets, grid_size, method,
-                                  user_mask, regions, progress=node_progress(), **options)
+    with bridged_model(inverted.model, trainable=True, stage="drag", latent=inverted.inverted_latent) as core:
+        with lora_context(core, inverted.lora):
+            result = drag_on_features(core.unet, inverted.text_embeddings.to(core.device), inverted.schedule,
+                                      inverted.inverted_latent.to(core.device), handles, targets, grid_size, method,
+                                      fitted_mask.array, fitted_regions.array if fitted_regions else None,
+                                      progress=node_progress(), **options)
     release_memory()
     final = [map_point(point, *grid_size, width, height) for point in result.handles]
+    notes.append(f"{method}: {int(result.steps)} steps; handles ended at (target in brackets): "
+                 f"{handle_ends(points, final)}")
     return NodeResult((DraggedLatent(inverted, ordinary(result.latent, "cpu"), points, final,
-                                     int(result.steps)),))
+                                     int(result.steps)),), notes=notes)
 
 
 SPEC = NodeSpec(
@@ -136,7 +146,8 @@ SPEC = NodeSpec(
         InputSpec("method", "COMBO", "adaptive: AdaptiveDrag. freedrag: FreeDrag. dragdiffusion: DragDiffusion.",
                   default="adaptive", options=METHODS),
         InputSpec("mask", "MASK", "Optional editable region (1 = may change): from SAM2 Superpixel Mask or "
-                  "painted; the rest of the image is kept.", optional=True),
+                  "painted; the rest of the image is kept. Any size (mapped onto the image); an empty mask means "
+                  "none.", optional=True),
         InputSpec("superpixels", SUPERPIXELS, "Optional superpixels from SAM2 Superpixel Mask: AdaptiveDrag's "
                   "semantic regions (other methods ignore them).", optional=True),
         InputSpec("steps", "INT", "DragDiffusion: optimisation steps. AdaptiveDrag: the step count n that sets "

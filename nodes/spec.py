@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
+from adaptivedrag_core.errors import InputError
+
 CATEGORY = "AdaptiveDrag"
 NODE_ID_PREFIX = "AdaptiveDrag_"
 
@@ -19,6 +21,9 @@ SAM2_MODEL = "SAM2_MODEL"
 IDENTITY_LORA = "ADAPTIVEDRAG_LORA"
 INVERTED_LATENT = "ADAPTIVEDRAG_INVERTED_LATENT"
 DRAGGED_LATENT = "ADAPTIVEDRAG_DRAGGED_LATENT"
+
+# The UI key under which a node's notes (facts and warnings of its run) reach the page.
+NOTES_UI_KEY = "adaptivedrag_notes"
 
 # Widget kinds; every other kind is a socket.
 WIDGET_KINDS = ("INT", "FLOAT", "BOOLEAN", "STRING", "COMBO")
@@ -37,7 +42,6 @@ class InputSpec:
         options: combo choices, or a function that lists them when the node list is built (files on disk).
         optional: the input may be left unconnected (the run function then gets None).
         multiline: STRING widget shown as a text box.
-        seed_control: INT widget followed by ComfyUI's "control after generate" widget (seeds).
     """
 
     name: str
@@ -50,7 +54,6 @@ class InputSpec:
     options: Union[Sequence[str], Callable[[], Sequence[str]], None] = None
     optional: bool = False
     multiline: bool = False
-    seed_control: bool = False
 
     @property
     def is_widget(self) -> bool:
@@ -77,10 +80,35 @@ class NodeResult:
         outputs: one value per ``NodeSpec.outputs`` entry, in order.
         ui_images: images to show on the node, by UI key, each an IMAGE tensor [B, H, W, C]; ComfyUI saves
             them as temporary files and sends ``{key: [{filename, subfolder, type}, ...]}`` to the browser.
+        notes: facts and warnings of the run, one line each, shown on the node in the page (``NOTES_UI_KEY``).
     """
 
     outputs: tuple
     ui_images: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """An output value that cannot be given this run; a node that takes it stops with ``message``.
+
+    ComfyUI's wrapper turns it into an ``ExecutionBlocker``, so nodes that do not use the output still run.
+    """
+
+    message: str
+
+
+class ShowAndStop(InputError):
+    """Raised by a run function that shows something on its node (images, notes) and then stops with an error.
+
+    Args:
+        message: the error, shown on the node.
+        ui_images: as :attr:`NodeResult.ui_images`.
+    """
+
+    def __init__(self, message: str, ui_images: Optional[dict] = None):
+        super().__init__(message)
+        self.ui_images = ui_images or {}
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ def running_comfyui(base: Path, ready_path: str = "/system_stats", timeout: floa
     """Start ComfyUI on ``base``, wait until ``ready_path`` answers, yield its URL, stop it afterwards."""
     port = free_port()
     log_path = base / "server.log"
-    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+    # Low priority (nice 15), like the tests themselves: the server computes on the CPU.
+    command = ["nice", "-n", "15", COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--disable-auto-launch"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)

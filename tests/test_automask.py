@@ -12,7 +12,11 @@ from scipy.ndimage import binary_dilation
 from skimage.segmentation import find_boundaries
 
 from adaptivedrag_core.automask import (
+    BORDER_ALPHA,
     BORDER_COLOUR,
+    MASK_TINT,
+    MASK_TINT_ALPHA,
+    OUTSIDE_BRIGHTNESS,
     AutoMaskWarning,
     auto_mask,
     features_on_grid,
@@ -244,7 +248,7 @@ def test_random_tiny_sam2_runs_the_sam_masks_path(tiny_sam2):
 
 
 # ------------------------------------------------------------------ overlay
-def test_overlay_shows_mask_borders_and_arrows():
+def test_overlay_tints_and_outlines_the_mask_dims_the_rest_and_keeps_borders_faint():
     image = textured_image(96, 128)
     points = DragPoints.from_pairs(["30,40:90,60"], 128, 96)
     result = quiet_auto_mask(image, points, n_segments=12)
@@ -257,11 +261,16 @@ def test_overlay_shows_mask_borders_and_arrows():
     # Away from the drawn arrow (a band along its line) and from the pair number (a box by the handle).
     far_from_arrow = (np.abs((xs - 30) * 20 - (ys - 40) * 60) / np.hypot(60, 20) > 12) | (xs < 15) | (xs > 105)
     far_from_arrow &= (np.abs(xs - 30) > 20) | (np.abs(ys - 40) > 20)
-    tinted = result.mask & ~borders & far_from_arrow
-    untouched = ~result.mask & ~borders & far_from_arrow
-    assert tinted.any() and (overlay[tinted] != image[tinted]).any(axis=-1).all()
-    assert untouched.any() and (overlay[untouched] == image[untouched]).all()
-    assert borders.any() and (overlay[borders & far_from_arrow] == BORDER_COLOUR).all()
+    outline = find_boundaries(result.mask, mode="thick")
+    inside = result.mask & ~borders & ~outline & far_from_arrow
+    outside = ~result.mask & ~borders & ~outline & far_from_arrow
+    tinted = (1 - MASK_TINT_ALPHA) * image + MASK_TINT_ALPHA * np.array(MASK_TINT)
+    assert inside.any() and np.abs(overlay[inside] - tinted[inside]).max() <= 1
+    assert outside.any() and np.abs(overlay[outside] - OUTSIDE_BRIGHTNESS * image[outside]).max() <= 1
+    assert outline.any() and (overlay[outline & far_from_arrow] == MASK_TINT).all()
+    faint = borders & ~outline & far_from_arrow & ~result.mask
+    blended = (1 - BORDER_ALPHA) * OUTSIDE_BRIGHTNESS * image + BORDER_ALPHA * np.array(BORDER_COLOUR)
+    assert faint.any() and np.abs(overlay[faint] - blended[faint]).max() <= 1
 
 
 # ------------------------------------------------------------------ CLI

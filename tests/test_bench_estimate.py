@@ -11,7 +11,8 @@ from adaptivedrag_core.bench.estimate import CostCounter, EstimateConfig, estima
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.models import tiny_sd_components
 
-STAGES = ["prepare", "lora", "inversion", "reference", "drag_start", "drag", "drag_end", "sampling", "vae_decode"]
+STAGES = ["prepare", "lora", "lora_merge", "inversion", "reference", "drag_start", "drag", "drag_end", "sampling",
+          "vae_decode"]
 # 2 inversion and sampling steps, no SAM2 stage
 SMALL = dict(size=64, num_steps=4, strength=0.5, lora_steps=10, drag_steps=20, sam2_size="none")
 
@@ -88,9 +89,12 @@ def test_report_weights_peak_target_and_totals():
     total = sum(stage["flop_per_step"] * stage["edit_steps"] for stage in stages.values())
     assert report["first_edit_tflop"] == pytest.approx(total / 1e12, abs=1e-3)
     assert 0 < report["re_drag_tflop"] < report["first_edit_tflop"]
-    re_drag = sum(stages[name]["flop_per_step"] * stages[name]["edit_steps"]
-                  for name in ("drag", "drag_end", "sampling", "vae_decode"))  # the rest is cached
-    assert report["re_drag_tflop"] == pytest.approx(re_drag / 1e12, abs=1e-3)
+    # Each stage that runs the UNet merges the LoRA for itself: four in a first edit, two in a re-drag.
+    assert (stages["lora_merge"]["steps_run"], stages["lora_merge"]["edit_steps"]) == (1, 4)
+    re_drag_steps = {"lora_merge": 2, "drag": 20, "drag_end": 1, "sampling": 2, "vae_decode": 1}  # the rest is cached
+    for total, per_step in (("re_drag_tflop", "flop_per_step"), ("re_drag_launches", "launches_per_step")):
+        expected = sum(stages[name][per_step] * steps for name, steps in re_drag_steps.items())
+        assert report[total] == (pytest.approx(expected / 1e12, abs=1e-3) if per_step == "flop_per_step" else expected)
     # The merged identity LoRA adds no kernel to a forward pass; peft's unmerged layers add several per projection.
     launches = report["unet_forward_launches"]
     assert launches["merged_identity_lora"] == launches["plain"] < launches["unmerged_peft_lora"]
@@ -101,6 +105,7 @@ def test_flops_follow_the_passes_each_step_makes():
     flops = _flops(_estimate())
     forward = flops["inversion"]
     assert flops["reference"] == pytest.approx(forward, rel=0.01)  # one forward per step, no gradient
+    assert 0 < flops["lora_merge"] < 0.2 * forward  # one small product per projection, not a pass
     assert flops["drag_start"] == pytest.approx(forward, rel=0.05)  # one forward (and the feature resize)
     assert flops["drag_end"] < 0.9 * flops["drag_start"]  # the same forward, stopped after the feature block
     # A backward pass for the input's gradient costs up to one forward more (less: the first layers need none),

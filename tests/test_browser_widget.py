@@ -233,7 +233,8 @@ def expected(pairs, size=IMAGE_SIZE) -> dict:
 
 def example_workflow():
     """The first example workflow (graph form) with a Drag Points node, AdaptiveDrag's first; None if none."""
-    paths = sorted((REPO / "workflows").glob("*.json"), key=lambda p: (not p.name.startswith("adaptivedrag"), p.name))
+    paths = sorted((REPO / "example_workflows").glob("*.json"),
+                   key=lambda p: (not p.name.lower().startswith("adaptivedrag"), p.name))
     for path in paths:
         workflow = json.loads(path.read_text())
         if any(node.get("type") == NODE_ID for node in workflow.get("nodes", [])):

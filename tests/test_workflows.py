@@ -4,17 +4,20 @@ UI-format graphs are checked against the pack's node specs (and a table of the f
 the API-format copies must describe the same graphs. ``test_comfyui_server.py`` checks them against a real server.
 """
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from test_nodes import load_pack
 
 PACK_DIR = Path(__file__).resolve().parents[1]
-UI_WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
-API_DIR = PACK_DIR / "workflows" / "api"
+UI_WORKFLOWS = sorted((PACK_DIR / "example_workflows").glob("*.json"))
+API_DIR = PACK_DIR / "example_workflows" / "api"
+ADAPTIVE, FREEDRAG, DRAGDIFFUSION = "AdaptiveDrag - auto mask and CLoss", "FreeDrag", "DragDiffusion - painted mask"
 SPECS = {spec.node_id: spec for spec in sys.modules[load_pack().__name__ + ".nodes"].NODE_SPECS}
 
 # ComfyUI core nodes the workflows use: socket inputs, widget names, outputs (names and types as in ComfyUI).
@@ -22,11 +25,10 @@ CORE_NODES = {
     "CheckpointLoaderSimple": ({}, ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "LoadImage": ({}, ["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "CLIPTextEncode": ({"clip": "CLIP"}, ["text"], [("CONDITIONING", "CONDITIONING")]),
-    "VAEEncode": ({"pixels": "IMAGE", "vae": "VAE"}, [], [("LATENT", "LATENT")]),
-    "VAEDecode": ({"samples": "LATENT", "vae": "VAE"}, [], [("IMAGE", "IMAGE")]),
     "SaveImage": ({"images": "IMAGE"}, ["filename_prefix"], []),
-    "PreviewImage": ({"images": "IMAGE"}, [], []),
+    "Note": ({}, ["text"], []),
 }
+VIRTUAL_NODES = {"Note"}  # frontend-only: in the graph, not in the API prompt
 
 
 def load(path: Path) -> dict:
@@ -73,16 +75,37 @@ def named_widget_values(node: dict) -> dict:
     for spec in SPECS[node["type"]].widgets:
         assert values, f"{node['type']}: too few widget values"
         named[spec.name] = values.pop(0)
-        if spec.seed_control:
-            assert values and values.pop(0) in ("fixed", "increment", "decrement", "randomize")
     assert not values, f"{node['type']}: {len(values)} widget values too many"
     return named
 
 
-def test_the_three_graphs_and_their_api_copies_are_shipped():
-    assert {path.stem for path in UI_WORKFLOWS} == {"adaptivedrag_automask_closs", "freedrag",
-                                                   "dragdiffusion_user_mask"}
+def test_the_three_graphs_their_api_copies_and_thumbnails_are_shipped_under_readable_titles():
+    assert {path.stem for path in UI_WORKFLOWS} == {ADAPTIVE, FREEDRAG, DRAGDIFFUSION}
     assert {path.stem for path in API_DIR.glob("*.json")} == {path.stem for path in UI_WORKFLOWS}
+    for path in UI_WORKFLOWS:  # ComfyUI's template browser shows <name>.jpg beside <name>.json
+        with Image.open(path.with_suffix(".jpg")) as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.width >= 400
+
+
+def test_the_generator_writes_the_shipped_files(tmp_path, monkeypatch):
+    """scripts/make_workflows.py describes each graph once; the shipped JSON is its output."""
+    spec = importlib.util.spec_from_file_location("make_workflows", PACK_DIR / "scripts" / "make_workflows.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    monkeypatch.setattr(generator, "OUT", tmp_path)
+    generator.main()
+    for path in UI_WORKFLOWS + sorted(API_DIR.glob("*.json")):
+        written = tmp_path / path.relative_to(PACK_DIR / "example_workflows")
+        assert json.loads(written.read_text()) == load(path), path.name
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[path.stem for path in UI_WORKFLOWS])
+def test_each_graph_has_a_note_naming_the_model_files_folders_and_image_size(path):
+    (note,) = [node for node in load(path)["nodes"] if node["type"] == "Note"]
+    text = note["widgets_values"][0]
+    assert "ComfyUI/models/checkpoints/" in text and "work_size" in text and "512" in text
+    uses_sam2 = any(node["type"] == "AdaptiveDrag_SAM2Loader" for node in load(path)["nodes"])
+    assert ("ComfyUI/models/sam2/" in text) == uses_sam2
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[path.stem for path in UI_WORKFLOWS])
@@ -115,7 +138,7 @@ def test_ui_workflow_uses_existing_nodes_with_valid_widgets_and_typed_links(path
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[path.stem for path in UI_WORKFLOWS])
 def test_api_copy_describes_the_same_graph(path):
     graph, api = load(path), load(API_DIR / path.name)
-    nodes = {str(node["id"]): node for node in graph["nodes"]}
+    nodes = {str(node["id"]): node for node in graph["nodes"] if node["type"] not in VIRTUAL_NODES}
     assert set(api) == set(nodes)
     links = {(str(target), nodes[str(target)]["inputs"][slot]["name"]): [str(origin), origin_slot]
              for _, origin, origin_slot, target, slot, _ in graph["links"]}
@@ -134,14 +157,25 @@ def semantic_drag_inputs(path: Path) -> tuple[dict, dict]:
 
 
 def test_each_graph_is_set_up_for_its_method():
-    api, adaptive = semantic_drag_inputs(API_DIR / "adaptivedrag_automask_closs.json")
+    api, adaptive = semantic_drag_inputs(API_DIR / f"{ADAPTIVE}.json")
     mask_node = api[adaptive["mask"][0]]["class_type"]
     assert adaptive["method"] == "adaptive" and adaptive["closs"] is True
     assert mask_node == "AdaptiveDrag_SAM2SuperpixelMask" and adaptive["superpixels"][0] == adaptive["mask"][0]
 
-    _, freedrag = semantic_drag_inputs(API_DIR / "freedrag.json")
+    _, freedrag = semantic_drag_inputs(API_DIR / f"{FREEDRAG}.json")
     assert freedrag["method"] == "freedrag" and freedrag["closs"] is False
 
-    api, dragdiffusion = semantic_drag_inputs(API_DIR / "dragdiffusion_user_mask.json")
+    api, dragdiffusion = semantic_drag_inputs(API_DIR / f"{DRAGDIFFUSION}.json")
     assert dragdiffusion["method"] == "dragdiffusion" and dragdiffusion["closs"] is False
     assert api[dragdiffusion["mask"][0]]["class_type"] == "LoadImage" and dragdiffusion["mask"][1] == 1
+
+
+@pytest.mark.parametrize("path", sorted(API_DIR.glob("*.json")), ids=lambda path: path.stem)
+def test_every_graph_works_on_a_working_copy_and_saves_the_image_at_the_inputs_size(path):
+    api = load(path)
+    (encode,) = [node for node in api.values() if node["class_type"] == "AdaptiveDrag_EncodeWorkingCopy"]
+    (sampler_id,) = [key for key, node in api.items() if node["class_type"] == "AdaptiveDrag_CLossSampler"]
+    (save,) = [node for node in api.values() if node["class_type"] == "SaveImage"]
+    assert encode["inputs"]["work_size"] == 512
+    assert save["inputs"]["images"] == [sampler_id, 1]  # the sampler's image output, at the input's size
+    assert "vae" in api[sampler_id]["inputs"]

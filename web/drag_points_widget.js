@@ -3,6 +3,7 @@
 // draws the model, and stores its JSON in the node's hidden `points_json` STRING widget, so saved workflows
 // (widgets_values) and API prompts carry the points.
 import { app } from "../../scripts/app.js";
+import { chain } from "./chain.js";
 import { api } from "../../scripts/api.js";
 
 import {
@@ -58,15 +59,6 @@ app.registerExtension({
   },
 });
 
-// Call `extra` after whatever the prototype already does for `name`.
-function chain(target, name, extra) {
-  const original = target[name];
-  target[name] = function (...args) {
-    const result = original?.apply(this, args);
-    extra.apply(this, args);
-    return result;
-  };
-}
 
 class DragPointsWidget {
   constructor(node) {
@@ -459,7 +451,12 @@ class DragPointsWidget {
       };
     }
     if (!this.image) {
-      return { text: "Connect a Load Image node (or run once) to show the image, then click to place points.", color: STYLE.text };
+      return {
+        text:
+          "No image yet. A Load Image picture shows here at once; for any other image, queue once: Drag Points " +
+          "then shows the image it receives. Then click to place points.",
+        color: STYLE.text,
+      };
     }
     return null;
   }

@@ -24,13 +24,18 @@ exceptions:
   evaluation that ends a drag (``drag_end``: the features alone, no autograd, the UNet stopped after the feature
   block).
 
+``lora_merge`` is ``identity_lora`` merging the LoRA into the projection weights: its peak holds the merged copies
+beside the originals, as every later stage does. The pipeline's stages each merge for themselves: four merges in a
+first edit (inversion, reference, drag, sampling), two in a re-drag (``LORA_MERGES``).
+
 Per-step figures are scaled to the edit's step counts for the totals: ``lora_steps``; the drag's budget
 (``drag_steps``: the method's default, 80 for DragDiffusion and AdaptiveDrag's n, 300 for FreeDrag) and, for the
 ``_most`` totals, the most it can take (AdaptiveDrag's budget grows up to n_max, 300); ``drag_end`` once for the
 point-tracking methods (the last tracking), and for FreeDrag once per drag of at most 5 steps (budget / 5), up to
 once per step when drags end early (those early ends run with autograd and, with a mask, the whole UNet: the
-``_most`` figure prices them as ``drag_end``, so it is low by that difference). A re-drag runs ``drag``,
-``drag_end``, ``sampling`` and ``vae_decode``: the rest, the drag's starting features included, is cached.
+``_most`` figure prices them as ``drag_end``, so it is low by that difference). A re-drag runs ``lora_merge``
+(twice), ``drag``, ``drag_end``, ``sampling`` and ``vae_decode``: the rest, the drag's starting features included,
+is cached.
 
 Before the edit, ``sam2_features`` is the auto mask's SAM2 image encoder (random-init SAM2 of ``sam2_size``, float32,
 on a 1024x1024 input: ``Sam2Encoder.embeddings``, the bulk of ``Sam2Encoder.features``) with the SD1.5 weights
@@ -50,7 +55,7 @@ import math
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -327,7 +332,10 @@ class StageMeter:
 
 
 #: What a re-drag runs: the inversion, the reference and the drag's starting features come from the cache.
-RE_DRAG_STAGES = ("drag", "drag_end", "sampling", "vae_decode")
+RE_DRAG_STAGES = ("lora_merge", "drag", "drag_end", "sampling", "vae_decode")
+#: ``identity_lora`` merges per edit: each of the pipeline's stages that runs the UNet merges the LoRA for itself
+#: (the inversion, the reference, the drag and the sampling; a re-drag the last two).
+LORA_MERGES = {"first_edit": 4, "re_drag": 2}
 
 
 def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = None, device=META) -> dict:
@@ -374,7 +382,8 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
     peak_stage = max(stages, key=lambda name: stages[name].peak_bytes)
     peak = stages[peak_stage].peak_bytes
     edit = [stage for name, stage in stages.items() if name != "sam2_features"]  # its own node, before the edit
-    re_drag = [stages[name] for name in RE_DRAG_STAGES]
+    re_drag = [replace(stages[name], edit_steps=LORA_MERGES["re_drag"], edit_steps_most=LORA_MERGES["re_drag"])
+               if name == "lora_merge" else stages[name] for name in RE_DRAG_STAGES]
     return {
         "estimate": f"{device.type}-device run with live-tensor bytes and FLOP counts (no GPU): see bench/estimate.py",
         "settings": {**asdict(config), "closs": settings.use_closs},
@@ -442,6 +451,9 @@ def _edit_stages(components: SDComponents, config: EstimateConfig, settings: Edi
     steps = len(schedule.timesteps)
     graphs = StepGraphs(device)  # the steps as the pipeline runs them; nothing is captured off CUDA
     with identity_lora(components.unet, lora):
+        # The estimate merges once and keeps the merged weights alive through sampling; the pipeline's stages each
+        # merge for themselves, which the totals count.
+        meter.lap("lora_merge", 1, LORA_MERGES["first_edit"])
         inverted = ddim_invert(NoiseStep(unet_noise_fn(components.unet, text_embeddings), graphs, "inversion"),
                                clean, schedule)
         meter.lap("inversion", steps, steps)

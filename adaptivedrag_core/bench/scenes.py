@@ -145,7 +145,8 @@ def run_scene_bench(config: SceneBenchConfig, components: SDComponents, out_dir,
         image = Image.fromarray(case.scene.render().image)
         masks = _CaseMasks(case, image, encoder)
         if (number, NO_EDIT) not in done:
-            records.append(_append(results_file, _record(number, case, NO_EDIT, score_case(case, case.scene.render().image))))
+            unedited = score_case(case, case.scene.render().image)
+            records.append(_append(results_file, _record(number, case, NO_EDIT, unedited)))
         for variant in variants:
             if (number, variant.name) in done:
                 continue
