@@ -86,6 +86,7 @@ def run_speed(args) -> int:
 
 
 def _add_estimate_parser(commands) -> None:
+    from .bench.estimate import NODE_WEIGHTS
     from .bench.speed import SAM2_SIZES
 
     p = commands.add_parser("estimate", help="estimate each stage's peak GPU memory and compute, without a GPU",
@@ -111,6 +112,9 @@ def _add_estimate_parser(commands) -> None:
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="UNet and text encoder dtype")
     p.add_argument("--sam2-size", choices=SAM2_SIZES, default="large",
                    help="SAM2 for the auto mask's stage (default large); none leaves the stage out")
+    p.add_argument("--node-weights", choices=NODE_WEIGHTS, default="own",
+                   help="own: the pipeline's UNet weights (default); shared: ComfyUI's, as the nodes use them (no "
+                        "copy); copied: ComfyUI's plus a copy, as the nodes used to back-propagate")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(run=run_estimate)
 
@@ -124,7 +128,7 @@ def run_estimate(args) -> int:
                             drag_steps=args.drag_steps, drag_max_steps=args.drag_max_steps,
                             lora_batch_size=args.lora_batch_size,
                             num_steps=args.ddim_steps, strength=args.strength, dtype=args.dtype,
-                            sam2_size=args.sam2_size)
+                            sam2_size=args.sam2_size, node_weights=args.node_weights)
     out = _report_path(args.out)
     _print_report(estimate_edit(config), out)
     return 0

@@ -138,6 +138,16 @@ def test_the_drag_budget_is_each_method_s():
     assert EstimateConfig(method="freedrag", drag_steps=12).drag_evaluations() == (3, 12)
 
 
+def test_comfyui_s_weights_shared_with_the_nodes_cost_nothing_more_where_a_copy_cost_the_unet_again():
+    """The node path: ComfyUI's inference-mode weights handed over as aliases keep every stage's peak the
+    pipeline's; the copy the nodes made before put the UNet's weights on the device twice."""
+    own, shared, copied = (_estimate(node_weights=weights) for weights in ("own", "shared", "copied"))
+    assert _peaks(shared) == _peaks(own) and _flops(shared) == _flops(own)
+    unet_bytes = sum(tensor.nbytes for tensor in tiny_sd_components(seed=0).unet.half().state_dict().values())
+    assert copied["weights_bytes"] - own["weights_bytes"] == unet_bytes
+    assert _peaks(copied)["lora"] - _peaks(own)["lora"] == unet_bytes
+
+
 def test_gradient_checkpointing_lowers_the_lora_peak_and_adds_a_recomputation():
     plain, checkpointed = _estimate(), _estimate(lora_gradient_checkpointing=True)
     assert _peaks(checkpointed)["lora"] < _peaks(plain)["lora"]
@@ -160,6 +170,7 @@ def test_a_bigger_image_or_batch_needs_more():
     (dict(drag_steps=0), "drag-steps must be at least 1"),
     (dict(drag_steps=50, drag_max_steps=40), "must be at least drag-steps"),
     (dict(method="freedrag", drag_max_steps=400), "only AdaptiveDrag's budget grows"),
+    (dict(node_weights="borrowed"), "node weights must be one of"),
 ])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(InputError, match=message):

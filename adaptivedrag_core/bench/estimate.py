@@ -84,7 +84,7 @@ from ..lora import (
     lora_weights,
     training_batch,
 )
-from ..models import SDComponents, encode_prompt, random_sd15_components
+from ..models import SDComponents, encode_prompt, ordinary_alias, random_sd15_components
 from ..pipeline import (
     VAE_DOWNSCALE,
     EditSettings,
@@ -230,6 +230,10 @@ class EstimateConfig:
         lora_batch_size, lora_rank, num_steps, strength: as :class:`EditSettings` (4, 16, 50, 0.7).
         dtype: "fp16" or "bf16" for the UNet and text encoder (the VAE stays fp32).
         sam2_size: SAM2 for the ``sam2_features`` stage (tiny, small, base_plus, large), or "none" to leave it out.
+        node_weights: whose UNet weights the stages run on: "own" (the pipeline's, the default); "shared" (the
+            ComfyUI nodes': made under inference mode, as ComfyUI makes them, and handed to the core as ordinary
+            aliases of the same memory, as the bridge does); "copied" (as the bridge did before: a copy beside
+            ComfyUI's, for the nodes that back-propagate; held here through every stage).
     """
 
     size: int = 512
@@ -245,6 +249,7 @@ class EstimateConfig:
     strength: float = 0.7
     dtype: str = "fp16"
     sam2_size: str = "large"
+    node_weights: str = "own"
 
     def __post_init__(self):
         if self.sam2_size not in SAM2_SIZES:
@@ -259,6 +264,8 @@ class EstimateConfig:
             raise InputError(f"drag-max-steps ({self.drag_max_steps}) must be at least drag-steps ({self.drag_steps})")
         if self.method != "adaptive" and self.drag_max_steps != self.drag_steps:
             raise InputError(f"only AdaptiveDrag's budget grows: drag-max-steps is for --method adaptive")
+        if self.node_weights not in NODE_WEIGHTS:
+            raise InputError(f"node weights must be one of {', '.join(NODE_WEIGHTS)}, got {self.node_weights!r}")
         if self.dtype not in ("fp16", "bf16"):
             raise InputError(f"dtype must be fp16 or bf16, got {self.dtype!r}")
 
@@ -286,6 +293,29 @@ def default_drag_budget(method: str) -> tuple[int, int]:
         return AdaptiveOptions().n_steps, AdaptiveOptions().n_max
     steps = (FreeDragOptions if method == "freedrag" else DragDiffusionOptions)().max_steps
     return steps, steps
+
+
+#: The choices of :attr:`EstimateConfig.node_weights`.
+NODE_WEIGHTS = ("own", "shared", "copied")
+
+
+def as_node_weights(unet: torch.nn.Module, node_weights: str) -> list:
+    """Give ``unet`` its weights as the ComfyUI nodes would (see :attr:`EstimateConfig.node_weights`).
+
+    Returns:
+        ComfyUI's own weight tensors that stay alive beside the UNet's ("copied"); empty otherwise (the UNet's
+        weights are ComfyUI's, or its own).
+    """
+    if node_weights == "own":
+        return []
+    with torch.inference_mode():  # as ComfyUI loads a model
+        comfyui = {name: tensor.detach().clone() for name, tensor in unet.state_dict().items()}
+    if node_weights == "shared":
+        handed = {name: ordinary_alias(tensor) for name, tensor in comfyui.items()}
+    else:
+        handed = {name: tensor.clone() for name, tensor in comfyui.items()}
+    unet.load_state_dict(handed, strict=True, assign=True)
+    return list(comfyui.values()) if node_weights == "copied" else []
 
 
 @dataclass
@@ -364,6 +394,8 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
         place_module(module, device, module_dtype)
     settings = config.edit_settings()
     counter = CostCounter()
+    comfyui_weights = as_node_weights(components.unet, config.node_weights)
+    counter.track(*comfyui_weights)
     for module in (components.unet, components.text_encoder, components.vae):
         counter.track_module(module)
     weights = counter.live
