@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .drag.common import DragStart
 from .inversion import DDIMSchedule, ddim_move
 
 
@@ -115,6 +116,28 @@ class UNetFeatures:
         """The feature block's output as the optimiser's float32 feature map (bilinear, to ``feature_size``)."""
         width, height = self.feature_size
         return F.interpolate(block_output.float(), size=(height, width), mode="bilinear", align_corners=False)
+
+
+#: What a drag starts from, kept compact (:func:`compact_drag_start`): the feature block's output at its own
+#: resolution, and x_{t-1} for the mask term (None without one).
+CompactStart = tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+def compact_drag_start(feature_fn: UNetFeatures, latent: torch.Tensor) -> CompactStart:
+    """The drag's starting point at ``latent``, for a cache: one feature-function call without autograd, its
+    features kept at the feature block's resolution (640x64x64 in fp16 at 512 px, 5 MiB, not the 640x256x256
+    float32 map the drag compares, 160 MiB). Call it with the identity LoRA active, as the drag runs."""
+    with torch.inference_mode(False), torch.no_grad():
+        return feature_fn.block_output(latent, feature_fn.with_prediction)
+
+
+def drag_start_from(feature_fn: UNetFeatures, compact: CompactStart, latent: torch.Tensor) -> DragStart:
+    """The :class:`~adaptivedrag_core.drag.DragStart` of ``latent`` from its :func:`compact_drag_start` (on any
+    device: it is moved to the latent's), resized as the feature function resizes."""
+    block_output, prediction = compact
+    with torch.inference_mode(False), torch.no_grad():
+        features = feature_fn.resize(block_output.to(latent.device))
+        return DragStart(features, latent.clone() if prediction is None else prediction.to(latent.device))
 
 
 def make_feature_fn(

@@ -24,7 +24,7 @@ from .drag import METHODS as DRAG_OPTIONS
 from .drag.closs import CLOSS_KINDS
 from .drag.common import DragStart, is_finite_number, parse_options
 from .errors import InputError
-from .features import UNetFeatures, make_feature_fn
+from .features import UNetFeatures, compact_drag_start, drag_start_from, make_feature_fn
 from .graphs import GraphedFeatures, NoiseStep, StepGraphs
 from .images import WorkingImage, prepare_image, resize_labels
 from .inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
@@ -398,21 +398,13 @@ class DragPipeline:
                                     graphs=self.graphs(settings), **settings.drag_options)
 
     def drag_start(self, inversion: Inversion, feature_fn: UNetFeatures) -> DragStart:
-        """The drag's starting features and prediction, computed once per inversion and feature block.
-
-        Kept compact: the feature block's output at its own resolution (640x64x64 in fp16 at 512 px, 5 MiB, not
-        the 640x256x256 float32 map the drag compares, 160 MiB), resized at each drag as the feature function does.
-        Call it with the identity LoRA active, as the drag does.
-        """
+        """The drag's starting features and prediction, computed once per inversion and feature block and kept
+        compact (:func:`~adaptivedrag_core.features.compact_drag_start`). Call it with the identity LoRA active,
+        as the drag does."""
         latent = inversion.inverted_latent.float()
         key = self._key("drag-start", inversion.key, feature_fn.block_index, feature_fn.with_prediction)
-        cached = self._cached("drag_start", key)
-        if cached is None:
-            with torch.inference_mode(False), torch.no_grad():
-                cached = self._store("drag_start", key, feature_fn.block_output(latent, feature_fn.with_prediction))
-        block_output, prediction = cached
-        with torch.inference_mode(False), torch.no_grad():
-            return DragStart(feature_fn.resize(block_output), latent.clone() if prediction is None else prediction)
+        compact = self._remember("drag_start", key, lambda: compact_drag_start(feature_fn, latent))
+        return drag_start_from(feature_fn, compact, latent)
 
     def sample(self, inversion: Inversion, dragged_latent, reference: ReferenceBranch, settings: EditSettings,
                latent_handles=(), latent_targets=(), progress: ProgressFn = None) -> torch.Tensor:

@@ -70,11 +70,11 @@ from torch.utils.flop_counter import (
 )
 
 from ..drag.adaptive import AdaptiveOptions
-from ..drag.common import DragStart, LatentAdam, split_features
+from ..drag.common import LatentAdam, split_features
 from ..drag.dragdiffusion import DragDiffusionOptions
 from ..drag.freedrag import FreeDragOptions
 from ..errors import InputError
-from ..features import make_feature_fn
+from ..features import compact_drag_start, drag_start_from, make_feature_fn
 from ..inversion import ddim_invert, make_schedule, unet_noise_fn
 from ..graphs import NoiseStep, StepGraphs
 from ..lora import (
@@ -511,9 +511,8 @@ def _drag_stages(unet, text_embeddings, schedule, inverted, config: EstimateConf
     feature_size = feature_grid_size(config.size, config.size, settings.feature_scale)
     feature_fn = make_feature_fn(unet, text_embeddings, schedule, feature_size, settings.feature_block,
                                  with_prediction=config.mask)
-    with torch.no_grad():  # the pipeline keeps the block's output; drag() the resized features and x_{t-1}
-        block_output, prediction = feature_fn.block_output(inverted, config.mask)
-        start = DragStart(feature_fn.resize(block_output), inverted if prediction is None else prediction)
+    # The pipeline keeps the block's output; drag() the resized features and x_{t-1}.
+    start = drag_start_from(feature_fn, compact_drag_start(feature_fn, inverted), inverted)
     meter.lap("drag_start")
     optimizer = LatentAdam(inverted, lr=0.01)
     with torch.enable_grad():
