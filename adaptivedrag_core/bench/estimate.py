@@ -511,8 +511,8 @@ def _drag_stages(unet, text_embeddings, schedule, inverted, config: EstimateConf
     feature_size = feature_grid_size(config.size, config.size, settings.feature_scale)
     feature_fn = make_feature_fn(unet, text_embeddings, schedule, feature_size, settings.feature_block,
                                  with_prediction=config.mask)
-    # The pipeline keeps the block's output; drag() the resized features and x_{t-1}.
-    start = drag_start_from(feature_fn, compact_drag_start(feature_fn, inverted), inverted)
+    compact = compact_drag_start(feature_fn, inverted)  # the pipeline keeps it, for re-drags
+    start = drag_start_from(feature_fn, compact, inverted)  # drag() keeps the resized features and x_{t-1}
     meter.lap("drag_start")
     optimizer = LatentAdam(inverted, lr=0.01)
     with torch.enable_grad():
