@@ -1,6 +1,8 @@
 """The GPU-free estimate: the live-byte count, the meta run against a real one, FLOPs, what checkpointing saves."""
 
 import argparse
+import copy
+import functools
 import json
 
 import pytest
@@ -18,8 +20,14 @@ SMALL = dict(size=64, num_steps=4, strength=0.5, lora_steps=10, drag_steps=20, s
 
 
 def _estimate(device="cpu", **overrides):
-    """The tiny model's estimate; on the CPU by default (as exact as meta, see below, and faster for it)."""
-    return estimate_edit(EstimateConfig(**{**SMALL, **overrides}), tiny_sd_components(seed=0), device=device)
+    """The tiny model's estimate; on the CPU by default (as exact as meta, see below, and faster for it). Each
+    configuration runs once per test session (a copy is returned)."""
+    return copy.deepcopy(_estimate_once(device, tuple(sorted(overrides.items()))))
+
+
+@functools.lru_cache(maxsize=None)
+def _estimate_once(device: str, overrides: tuple) -> dict:
+    return estimate_edit(EstimateConfig(**{**SMALL, **dict(overrides)}), tiny_sd_components(seed=0), device=device)
 
 
 def _peaks(report):
@@ -113,7 +121,7 @@ def test_flops_follow_the_passes_each_step_makes():
     assert 1.5 * forward < flops["drag"] < 3 * forward
     assert flops["sampling"] == pytest.approx(flops["drag"], rel=0.05)  # CLoss on every step: the same passes
     assert 4 * 1.5 * forward < flops["lora"] < 4 * 3 * forward  # batch 4
-    no_closs = _flops(_estimate(method="dragdiffusion"))
+    no_closs = _flops(_estimate(method="dragdiffusion", drag_steps=None))
     # One forward, less the key/value projections of the layers that replay the reference's.
     assert 0.9 * forward < no_closs["sampling"] < forward
 
@@ -141,7 +149,7 @@ def test_the_drag_budget_is_each_method_s():
 def test_comfyui_s_weights_shared_with_the_nodes_cost_nothing_more_where_a_copy_cost_the_unet_again():
     """The node path: ComfyUI's inference-mode weights handed over as aliases keep every stage's peak the
     pipeline's; the copy the nodes made before put the UNet's weights on the device twice."""
-    own, shared, copied = (_estimate(node_weights=weights) for weights in ("own", "shared", "copied"))
+    own, shared, copied = _estimate(), _estimate(node_weights="shared"), _estimate(node_weights="copied")
     assert _peaks(shared) == _peaks(own) and _flops(shared) == _flops(own)
     unet_bytes = sum(tensor.nbytes for tensor in tiny_sd_components(seed=0).unet.half().state_dict().values())
     assert copied["weights_bytes"] - own["weights_bytes"] == unet_bytes
