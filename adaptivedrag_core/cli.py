@@ -102,6 +102,7 @@ def add_edit_parser(subparsers) -> None:
     p.add_argument("--lora-steps", type=int, default=None, help="identity LoRA steps (default 80; 0 skips)")
     p.add_argument("--lora", help="LoRA .safetensors: loaded if it exists, else trained and saved there")
     add_checkpointing_argument(p)
+    add_graphs_argument(p)
     p.add_argument("--drag-steps", type=int, default=None,
                    help="drag step budget: max steps for dragdiffusion/freedrag, the step count n for adaptive")
     p.add_argument("--drag-option", action="append", default=[], metavar="NAME=VALUE",
@@ -131,6 +132,22 @@ def checkpointing_choice(args):
     from .pipeline import CHECKPOINTING_CHOICES
 
     return CHECKPOINTING_CHOICES[args.lora_gradient_checkpointing]
+
+
+def add_graphs_argument(parser) -> None:
+    """``--cuda-graphs auto|on|off``; read it with :func:`graphs_choice`."""
+    from .graphs import GRAPH_CHOICES
+
+    parser.add_argument("--cuda-graphs", choices=tuple(GRAPH_CHOICES), default="auto",
+                        help="replay the repeated steps from CUDA graphs: the same result, faster (default auto: on "
+                             "with --device cuda; never on the CPU)")
+
+
+def graphs_choice(args):
+    """The ``cuda_graphs`` setting (None = auto) from the parsed arguments."""
+    from .graphs import GRAPH_CHOICES
+
+    return GRAPH_CHOICES[args.cuda_graphs]
 
 
 def preview_path(out: Path) -> Path:
@@ -222,7 +239,7 @@ def _settings(args):
     settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, auto_mask=False, closs=args.closs,
                             closs_kind=args.closs_kind, closs_weight=args.closs_weight,
                             num_steps=args.ddim_steps, strength=args.strength, guidance_scale=args.guidance_scale,
-                            lora_gradient_checkpointing=checkpointing_choice(args))
+                            lora_gradient_checkpointing=checkpointing_choice(args), cuda_graphs=graphs_choice(args))
     drag_steps = args.drag_steps
     if args.demo:
         from .scene_model import scene_model_info

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import add_checkpointing_argument, checkpointing_choice
+from .cli import add_checkpointing_argument, add_graphs_argument, checkpointing_choice, graphs_choice
 from .errors import InputError
 from .pipeline import METHODS
 
@@ -67,6 +67,7 @@ def _add_speed_parser(commands) -> None:
     p.add_argument("--sam2-size", choices=SAM2_SIZES, default=None,
                    help="random-init SAM2 size (default large on cuda, tiny on cpu); none: Lab-colour fallback")
     add_checkpointing_argument(p)
+    add_graphs_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(run=run_speed)
@@ -78,13 +79,14 @@ def run_speed(args) -> int:
     config = SpeedConfig(device=args.device, size=args.size, method=args.method, drag_steps=args.drag_steps,
                          lora_steps=args.lora_steps, num_steps=args.ddim_steps, strength=args.strength,
                          repeat=args.repeat, models=args.models, sam2_size=args.sam2_size, seed=args.seed,
-                         lora_gradient_checkpointing=checkpointing_choice(args))
+                         lora_gradient_checkpointing=checkpointing_choice(args), cuda_graphs=graphs_choice(args))
     out = _report_path(args.out)
     _print_report(run_speed_benchmark(config, log=lambda line: print(line, file=sys.stderr)), out)
     return 0
 
 
 def _add_estimate_parser(commands) -> None:
+    from .bench.estimate import NODE_WEIGHTS
     from .bench.speed import SAM2_SIZES
 
     p = commands.add_parser("estimate", help="estimate each stage's peak GPU memory and compute, without a GPU",
@@ -99,13 +101,20 @@ def _add_estimate_parser(commands) -> None:
     p.add_argument("--lora-gradient-checkpointing", choices=("on", "off"), default="off",
                    help="train the identity LoRA with gradient checkpointing (default off)")
     p.add_argument("--lora-steps", type=int, default=80, help="identity LoRA steps for the totals (default 80)")
-    p.add_argument("--drag-steps", type=int, default=80, help="drag steps for the totals (default 80)")
+    p.add_argument("--drag-steps", type=int, default=None,
+                   help="the drag's step budget for the totals: max_steps of dragdiffusion (default 80) and freedrag "
+                        "(default 300), n of adaptive (default 80)")
+    p.add_argument("--drag-max-steps", type=int, default=None,
+                   help="adaptive only: n_max, the most its budget grows to (default 300); the *_most totals use it")
     p.add_argument("--lora-batch-size", type=int, default=4, help="identity LoRA batch (default 4)")
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the full schedule (default 50)")
     p.add_argument("--strength", type=float, default=0.7, help="inversion strength (default 0.7: 35 of 50 steps)")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="UNet and text encoder dtype")
     p.add_argument("--sam2-size", choices=SAM2_SIZES, default="large",
                    help="SAM2 for the auto mask's stage (default large); none leaves the stage out")
+    p.add_argument("--node-weights", choices=NODE_WEIGHTS, default="own",
+                   help="own: the pipeline's UNet weights (default); shared: ComfyUI's, as the nodes use them (no "
+                        "copy); copied: ComfyUI's plus a copy, as the nodes used to back-propagate")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(run=run_estimate)
 
@@ -116,9 +125,10 @@ def run_estimate(args) -> int:
     config = EstimateConfig(size=args.size, method=args.method, mask=args.mask,
                             lora_gradient_checkpointing=args.lora_gradient_checkpointing == "on",
                             lora_steps=args.lora_steps,
-                            drag_steps=args.drag_steps, lora_batch_size=args.lora_batch_size,
+                            drag_steps=args.drag_steps, drag_max_steps=args.drag_max_steps,
+                            lora_batch_size=args.lora_batch_size,
                             num_steps=args.ddim_steps, strength=args.strength, dtype=args.dtype,
-                            sam2_size=args.sam2_size)
+                            sam2_size=args.sam2_size, node_weights=args.node_weights)
     out = _report_path(args.out)
     _print_report(estimate_edit(config), out)
     return 0

@@ -76,8 +76,13 @@ def ddim_step(latent: torch.Tensor, noise: torch.Tensor, schedule: DDIMSchedule,
 
     The same formula serves sampling (t_to < t_from) and inversion (t_to > t_from).
     """
-    alpha_to = schedule.alpha(t_to)
-    clean = predict_clean(latent, noise, schedule.alpha(t_from))
+    return ddim_move(latent, noise, schedule.alpha(t_from), schedule.alpha(t_to))
+
+
+def ddim_move(latent: torch.Tensor, noise: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
+    """:func:`ddim_step` with the two cumulative alphas given (read from the schedule once rather than at each
+    call: inside a step that is captured as a CUDA graph, nothing should be read from a tensor)."""
+    clean = predict_clean(latent, noise, alpha_from)
     return alpha_to**0.5 * clean + (1 - alpha_to) ** 0.5 * noise
 
 

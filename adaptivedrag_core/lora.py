@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .graphs import ReplayedStep
 from .models import SD15_SCHEDULER_CONFIG
 from .outputs import atomic_write
 from .progress import ProgressFn, report
@@ -39,6 +40,7 @@ def train_identity_lora(
     seed: int = 0,
     progress: ProgressFn = None,
     gradient_checkpointing: bool = False,
+    graphs=None,
 ) -> dict[str, torch.Tensor]:
     """Fine-tune an identity LoRA on one image with the ordinary noise-prediction (epsilon) loss.
 
@@ -59,6 +61,9 @@ def train_identity_lora(
         gradient_checkpointing: recompute each UNet block's activations in the backward pass instead of keeping
             them: the same weights (the forward arithmetic done again), half the memory at 512 px, a third more
             computation per step (``bench estimate``).
+        graphs: a :class:`~adaptivedrag_core.graphs.StepGraphs`: with CUDA graphs enabled, the training step is
+            replayed from one (not with gradient checkpointing, whose recomputation saves and restores the random
+            number generators' state, which a capture cannot).
 
     Returns:
         The LoRA weights (float32, on the CPU), for ``identity_lora`` and ``save_lora``.
@@ -67,7 +72,8 @@ def train_identity_lora(
     with torch.inference_mode(False), torch.enable_grad():
         latents, context = training_batch(unet, latent, text_embeddings, batch_size)
         with lora_in_training(unet, rank, seed, gradient_checkpointing) as (layers, parameters):
-            fit_noise(unet, latents, context, parameters, steps, lr, seed, progress)
+            fit_noise(unet, latents, context, parameters, steps, lr, seed, progress,
+                      None if gradient_checkpointing else graphs)
             return lora_weights(layers)
 
 
@@ -158,29 +164,85 @@ def _check_training_inputs(unet, latent, text_embeddings, steps, rank, batch_siz
         )
 
 
-def fit_noise(unet, latents, context, parameters, steps, lr, seed, progress=None) -> None:
-    """The training loop: epsilon-prediction loss at random timesteps, AdamW on ``parameters``."""
-    from diffusers import DDPMScheduler
+def fit_noise(unet, latents, context, parameters, steps, lr, seed, progress=None, graphs=None) -> None:
+    """The training loop: epsilon-prediction loss at random timesteps, AdamW on ``parameters``.
 
-    schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
-    noise_schedule = DDPMScheduler(**{key: SD15_SCHEDULER_CONFIG[key] for key in schedule_keys})
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    optimizer = torch.optim.AdamW(parameters, lr=lr)
-    device = latents.device
+    Args:
+        graphs: a :class:`~adaptivedrag_core.graphs.StepGraphs`: replay the step from a CUDA graph when it is
+            enabled; None runs every step eagerly.
+    """
+    on_cuda = latents.device.type == "cuda"
     # fp16 gradients underflow without loss scaling; bf16 and float32 ones do not.
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and _parameter(unet).dtype == torch.float16)
-    for step in range(steps):
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator).to(device)
-        noisy = noise_schedule.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy.to(context.dtype), timesteps, encoder_hidden_states=context).sample
-        loss = F.mse_loss(prediction.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        report(progress, step + 1, steps)
+    fitting = NoiseFitting(unet, latents, context, parameters, steps, lr, seed, fused_optimiser=on_cuda,
+                           loss_scaling=on_cuda and _parameter(unet).dtype == torch.float16)
+    step = fitting.step
+    if graphs is not None:
+        step = ReplayedStep(fitting.step, graphs, "identity LoRA", on_failure=fitting.reset_scaler)
+    for index in range(steps):
+        fitting.load(index)
+        step()
+        report(progress, index + 1, steps)
+
+
+class NoiseFitting:
+    """The identity LoRA's training step, capture-ready: what varies from step to step sits in fixed tensors.
+
+    The noise and timesteps of every step are drawn up front, on the CPU with the seeded generator and in the
+    order the steps use them (so they are the values a step-by-step loop would draw), and copied to the device
+    once; :meth:`load` copies one step's into the step's buffers. :meth:`step` then reads no value back to the host:
+    the timesteps reach the UNet as a device tensor; with ``fused_optimiser`` (CUDA) AdamW keeps its step count on
+    the device, and loss scaling hands it the scale and the overflow flag as tensors.
+
+    Args:
+        unet, latents, context, parameters: as :func:`fit_noise` (latents float32 [B, 4, h, w]).
+        steps, lr, seed: steps to draw noise for, AdamW's learning rate, the seed.
+        fused_optimiser: fused, capturable AdamW (CUDA); else PyTorch's default AdamW for the device.
+        loss_scaling: dynamic loss scaling (an fp16 UNet).
+    """
+
+    def __init__(self, unet, latents, context, parameters, steps: int, lr: float, seed: int,
+                 fused_optimiser: bool = False, loss_scaling: bool = False):
+        from diffusers import DDPMScheduler
+
+        schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+        self.noise_schedule = DDPMScheduler(**{key: SD15_SCHEDULER_CONFIG[key] for key in schedule_keys})
+        self.unet, self.latents, self.context = unet, latents, context
+        device = latents.device
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        noises, timesteps = [], []
+        for _ in range(steps):
+            noises.append(torch.randn(latents.shape, generator=generator))
+            timesteps.append(torch.randint(0, self.noise_schedule.config.num_train_timesteps, (latents.shape[0],),
+                                           generator=generator))
+        self.noises, self.timesteps = torch.stack(noises).to(device), torch.stack(timesteps).to(device)
+        self.noise, self.timestep = torch.empty_like(self.noises[0]), torch.empty_like(self.timesteps[0])
+        # On the device before the first step: add_noise would copy them there inside it.
+        self.noise_schedule.alphas_cumprod = self.noise_schedule.alphas_cumprod.to(device)
+        fused = {"fused": True, "capturable": True} if fused_optimiser else {}
+        self.optimizer = torch.optim.AdamW(parameters, lr=lr, **fused)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=loss_scaling)
+
+    def load(self, index: int) -> None:
+        """Put step ``index``'s noise and timesteps in the step's buffers."""
+        self.noise.copy_(self.noises[index])
+        self.timestep.copy_(self.timesteps[index])
+
+    def step(self) -> None:
+        """One AdamW step on the noise-prediction loss of the loaded noise and timesteps."""
+        noisy = self.noise_schedule.add_noise(self.latents, self.noise, self.timestep)
+        prediction = self.unet(noisy.to(self.context.dtype), self.timestep, encoder_hidden_states=self.context).sample
+        loss = F.mse_loss(prediction.float(), self.noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def reset_scaler(self) -> None:
+        """A fresh loss scaler with this one's scale: an aborted capture leaves the old one mid-step."""
+        fresh = torch.amp.GradScaler(self.latents.device.type, enabled=self.scaler.is_enabled())
+        if self.scaler.is_enabled():
+            fresh.load_state_dict(self.scaler.state_dict())
+        self.scaler = fresh
 
 
 @contextmanager

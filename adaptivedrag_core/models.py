@@ -258,6 +258,22 @@ def model_files(path, tokenizer_path=None) -> list[tuple[str, Path]]:
     return files
 
 
+def ordinary_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s memory, without a copy, as an ordinary tensor that autograd may save for a backward pass.
+
+    A tensor made under ``torch.inference_mode()`` (ComfyUI makes its model weights there) cannot be saved by
+    autograd, so back-propagating through a layer that uses it fails; copying every weight costs the model's size
+    again (1.6 GiB for SD1.5's UNet in fp16). The alias is a second tensor on the same storage, made outside
+    inference mode. An ordinary tensor is returned as it is. The caller must not change ``tensor`` in place while
+    a backward pass may still read the alias: the two do not share a version counter.
+    """
+    if not tensor.is_inference():
+        return tensor
+    with torch.inference_mode(False):
+        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
 def encode_prompt(components: SDComponents, prompt: str, device=None) -> torch.Tensor:
     """CLIP text embeddings of ``prompt``, [1, 77, D] (the text encoder's last hidden state, as SD1.x uses).
 

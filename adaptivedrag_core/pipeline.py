@@ -23,9 +23,10 @@ from .automask import auto_mask
 from .cache import DiskCache
 from .drag import METHODS as DRAG_OPTIONS
 from .drag.closs import CLOSS_KINDS, DEFAULT_CLOSS_KIND
-from .drag.common import is_finite_number, parse_options, usable_mask
+from .drag.common import DragStart, is_finite_number, parse_options, usable_mask
 from .errors import InputError
-from .features import make_feature_fn
+from .features import UNetFeatures, compact_drag_start, drag_start_from, make_feature_fn
+from .graphs import GraphedFeatures, NoiseStep, StepGraphs
 from .images import WorkingImage, prepare_image, resize_labels
 from .inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
 from .models import SD15_SCHEDULER_CONFIG, SDComponents, encode_prompt
@@ -82,6 +83,8 @@ class EditSettings:
         reference_start_layer, reference_start_step: reference-latent control (10, 0).
         guidance_scale: classifier-free guidance while sampling; 1 = off (both papers). The inversion never
             uses guidance.
+        cuda_graphs: replay the repeated steps (LoRA, inversion, drag, sampling) from CUDA graphs; None (auto) means
+            on for CUDA devices. Never on the CPU. It changes the speed, not the result (:mod:`graphs`).
     """
 
     method: str = "adaptive"
@@ -105,6 +108,7 @@ class EditSettings:
     reference_start_layer: int = 10
     reference_start_step: int = 0
     guidance_scale: float = 1.0
+    cuda_graphs: Optional[bool] = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -122,7 +126,7 @@ class EditSettings:
             _check_number(name, getattr(self, name), whole, low, high, low_excluded)
         if self.closs_kind not in CLOSS_KINDS:
             raise InputError(f"unknown CLoss kind {self.closs_kind!r}; choose one of {', '.join(CLOSS_KINDS)}")
-        for name in ("auto_mask", "closs", "lora_gradient_checkpointing"):
+        for name in ("auto_mask", "closs", "lora_gradient_checkpointing", "cuda_graphs"):
             if getattr(self, name) not in (None, True, False):
                 raise InputError(f"{name} must be on, off or auto (None), got {getattr(self, name)!r}")
         if not isinstance(self.prompt, str):
@@ -155,7 +159,8 @@ def _check_number(name: str, value, whole: bool, low, high, low_excluded: bool) 
 def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_latent: torch.Tensor, handles, targets,
                      feature_size: tuple[int, int], method: str, mask: Optional[np.ndarray] = None,
                      regions: Optional[np.ndarray] = None, feature_block: int = 2, progress: ProgressFn = None,
-                     **options):
+                     start_for: Optional[Callable[[UNetFeatures], DragStart]] = None,
+                     graphs: Optional[StepGraphs] = None, **options):
     """``drag()`` on the UNet's decoder features at the inverted timestep (the pipeline's and the node's drag).
 
     Args:
@@ -169,6 +174,10 @@ def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_lat
             empty one counts as none (``EmptyMaskWarning``).
         feature_block: the UNet up-block whose output is the feature map.
         progress: ``progress(step, total)``.
+        start_for: ``start_for(feature_fn)`` gives the drag's starting features (e.g. from a cache:
+            :meth:`DragPipeline.drag_start`); None computes them.
+        graphs: a :class:`~adaptivedrag_core.graphs.StepGraphs`: with CUDA graphs enabled, the feature function's
+            forward and backward passes are replayed from graphs.
         **options: the method's hyper-parameters.
 
     The backward passes are loss-scaled when the UNet is float16 (``drag()``'s ``compute_dtype``).
@@ -181,9 +190,10 @@ def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_lat
         resize_labels(regions, *feature_size).astype(np.int64))
     feature_fn = make_feature_fn(unet, text_embeddings, schedule, feature_size, feature_block,
                                  with_prediction=mask is not None)
-    return drag(inverted_latent.float(), feature_fn, handles, targets, method=method, mask=feature_mask,
-                regions=feature_regions, progress=progress, compute_dtype=next(unet.parameters()).dtype,
-                **options)
+    start = None if start_for is None else start_for(feature_fn)
+    return drag(inverted_latent.float(), feature_fn if graphs is None else GraphedFeatures(feature_fn, graphs),
+                handles, targets, method=method, mask=feature_mask, regions=feature_regions, progress=progress,
+                compute_dtype=next(unet.parameters()).dtype, start=start, **options)
 
 
 #: GPUs with less memory than this (cards of 10 GB and less) train the identity LoRA with gradient checkpointing
@@ -284,6 +294,7 @@ class DragPipeline:
             self.cache.check()
         self._memory: dict = {}
         self._hits: set = set()  # stages served from a cache during the current edit
+        self._graph_failures: dict = {}  # kinds of step whose CUDA-graph capture failed: eager from then on
 
     # ----------------------------------------------------------------- stages
     def encode_image(self, working: WorkingImage) -> torch.Tensor:
@@ -300,6 +311,19 @@ class DragPipeline:
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         with torch.no_grad():
             return encode_prompt(self.components, prompt, device=self.device).to(self.dtype)
+
+    def image_latent(self, working: WorkingImage, image_key: str) -> torch.Tensor:
+        """:meth:`encode_image`, computed once per image (``image_key``: :meth:`image_key`) and kept in memory."""
+        return self._remember("vae_encode", self._key("vae-encode", image_key), lambda: self.encode_image(working))
+
+    def prompt_embeddings(self, prompt: str) -> torch.Tensor:
+        """:meth:`encode_prompt`, computed once per prompt and kept in memory."""
+        return self._remember("prompt", self._key("prompt", prompt), lambda: self.encode_prompt(prompt))
+
+    def image_key(self, working: WorkingImage) -> str:
+        """The hash of the working image's pixels (with the model's): every cache key of the image derives from it,
+        so the pixels are hashed once per edit."""
+        return self._key("image", working.pixels)
 
     def train_lora(self, latent, text_embeddings, settings: EditSettings, key: str, progress: ProgressFn = None):
         """Identity LoRA for this image (cached in memory and, with ``cache_dir``, on disk)."""
@@ -319,6 +343,7 @@ class DragPipeline:
                 self.components.unet, latent, text_embeddings, steps=settings.lora_steps, rank=settings.lora_rank,
                 lr=settings.lora_lr, batch_size=settings.lora_batch_size, seed=settings.seed, progress=progress,
                 gradient_checkpointing=lora_checkpointing(settings.lora_gradient_checkpointing, self.device),
+                graphs=self.graphs(settings),
             )
             if self.cache is not None:
                 self.cache.save(name, lambda partial: write_lora(state, partial))
@@ -326,7 +351,10 @@ class DragPipeline:
 
     def invert(self, working: WorkingImage, settings: EditSettings, progress_factory=None,
                lora: Optional[dict] = None) -> Inversion:
-        """Encode, train (or reuse) the identity LoRA, and DDIM-invert (or reuse) the image.
+        """Encode (or reuse), train (or reuse) the identity LoRA, and DDIM-invert (or reuse) the image.
+
+        Everything here depends only on the image, the prompt and the settings named in the keys, so a re-drag of
+        the same image computes none of it: the pixels are hashed, and the rest comes from the cache.
 
         Args:
             working: the prepared image.
@@ -335,16 +363,17 @@ class DragPipeline:
             lora: identity-LoRA weights to use instead of training (e.g. loaded from a file).
         """
         progress_factory = progress_factory or (lambda name: None)
-        clean = self.encode_image(working)
-        text_embeddings = self.encode_prompt(settings.prompt)
+        image = self.image_key(working)
+        clean = self.image_latent(working, image)
+        text_embeddings = self.prompt_embeddings(settings.prompt)
         if lora is not None:
             lora_key = self._key("given-lora", *sorted(lora), *(lora[name] for name in sorted(lora)))
         else:
-            lora_key = self._key("lora", working.pixels, settings.prompt, settings.seed, settings.lora_steps,
+            lora_key = self._key("lora", image, settings.prompt, settings.seed, settings.lora_steps,
                                  settings.lora_rank, settings.lora_lr, settings.lora_batch_size)
             lora = self.train_lora(clean, text_embeddings, settings, lora_key, progress_factory("identity LoRA"))
         # The image and the prompt are part of the key whichever LoRA is used (a given one fits any image).
-        key = self._key("inversion", working.pixels, settings.prompt, lora_key if lora is not None else None,
+        key = self._key("inversion", image, settings.prompt, lora_key if lora is not None else None,
                         settings.num_steps, settings.strength)
         schedule = make_schedule(self.components.make_scheduler(), settings.num_steps, settings.strength)
         inverted = self._cached("inversion", key)
@@ -352,8 +381,9 @@ class DragPipeline:
             inverted = self._load_latent(key, clean.shape)
         if inverted is None:
             with self._lora(lora):
-                inverted = ddim_invert(unet_noise_fn(self.components.unet, text_embeddings), clean, schedule,
-                                       progress_factory("DDIM inversion"))
+                noise_fn = NoiseStep(unet_noise_fn(self.components.unet, text_embeddings), self.graphs(settings),
+                                     "inversion")
+                inverted = ddim_invert(noise_fn, clean, schedule, progress_factory("DDIM inversion"))
             self._save_latent(key, inverted)
             self._store("inversion", key, inverted)
         return Inversion(clean, inverted, schedule, text_embeddings, lora, key)
@@ -377,7 +407,18 @@ class DragPipeline:
         with self._lora(inversion.lora):
             return drag_on_features(self.components.unet, inversion.text_embeddings, inversion.schedule,
                                     inversion.inverted_latent, handles, targets, feature_size, settings.method,
-                                    mask, regions, settings.feature_block, progress, **settings.drag_options)
+                                    mask, regions, settings.feature_block, progress,
+                                    start_for=lambda feature_fn: self.drag_start(inversion, feature_fn),
+                                    graphs=self.graphs(settings), **settings.drag_options)
+
+    def drag_start(self, inversion: Inversion, feature_fn: UNetFeatures) -> DragStart:
+        """The drag's starting features and prediction, computed once per inversion and feature block and kept
+        compact (:func:`~adaptivedrag_core.features.compact_drag_start`). Call it with the identity LoRA active,
+        as the drag does."""
+        latent = inversion.inverted_latent.float()
+        key = self._key("drag-start", inversion.key, feature_fn.block_index, feature_fn.with_prediction)
+        compact = self._remember("drag_start", key, lambda: compact_drag_start(feature_fn, latent))
+        return drag_start_from(feature_fn, compact, latent)
 
     def sample(self, inversion: Inversion, dragged_latent, reference: ReferenceBranch, settings: EditSettings,
                latent_handles=(), latent_targets=(), progress: ProgressFn = None,
@@ -391,7 +432,7 @@ class DragPipeline:
                 settings.reference_start_layer, settings.reference_start_step, closs=settings.closs_settings(),
                 original_latent=inversion.clean_latent, handles=latent_handles, targets=latent_targets,
                 progress=progress, uncond_embeddings=self._guidance(settings)[0],
-                guidance_scale=settings.guidance_scale, mask=mask,
+                guidance_scale=settings.guidance_scale, mask=mask, graphs=self.graphs(settings),
             )
 
     # ------------------------------------------------------------ whole edit
@@ -449,9 +490,9 @@ class DragPipeline:
             inversion = self.invert(working, settings, progress_factory, lora)
         with stage("reference", "reference branch") as progress:
             reference = self.reference(inversion, settings, progress)
-        reused = sorted(self._hits)
         with stage("drag", f"drag ({settings.method})") as progress:
             result = self.drag(inversion, handles, targets, feature_size, settings, mask, regions, progress)
+        reused = sorted(self._hits)
         with stage("sampling", "sampling" + (" + CLoss" if settings.use_closs else "")) as progress:
             latent = self.sample(inversion, result.latent, reference, settings, latent_handles, latent_targets,
                                  progress, latent_mask=latent_mask)
@@ -462,8 +503,14 @@ class DragPipeline:
 
     # ---------------------------------------------------------------- helpers
     def clear_cache(self) -> None:
-        """Forget the LoRA weights, inversions and reference recordings kept in memory (the disk cache stays)."""
+        """Forget what is kept in memory: image latents, prompt embeddings, LoRA weights, inversions, the drag's
+        starting features and reference recordings (the disk cache stays)."""
         self._memory.clear()
+
+    @property
+    def graph_failures(self) -> dict:
+        """Kind of step -> why its CUDA-graph capture failed (those steps run eagerly); empty when none did."""
+        return dict(self._graph_failures)
 
     def _cached(self, stage: str, key: str):
         value = self._memory.get((stage, key))
@@ -474,6 +521,15 @@ class DragPipeline:
     def _store(self, stage: str, key: str, value):
         self._memory[(stage, key)] = value
         return value
+
+    def _remember(self, stage: str, key: str, compute: Callable[[], object]):
+        """The value kept under ``(stage, key)``, or ``compute()``'s, kept."""
+        cached = self._cached(stage, key)
+        return cached if cached is not None else self._store(stage, key, compute())
+
+    def graphs(self, settings: EditSettings) -> StepGraphs:
+        """The edit's :class:`~adaptivedrag_core.graphs.StepGraphs` (captures that failed before stay eager)."""
+        return StepGraphs(self.device, settings.cuda_graphs, self._graph_failures)
 
     def _key(self, *parts) -> str:
         """A cache key from the model, its dtype and device, and ``parts`` (tensors by shape and values)."""
@@ -490,7 +546,7 @@ class DragPipeline:
         """(unconditional embeddings, scale) for classifier-free guidance; (None, 1) when it is off."""
         if settings.guidance_scale == 1.0:
             return None, 1.0
-        return self.encode_prompt(""), settings.guidance_scale
+        return self.prompt_embeddings(""), settings.guidance_scale
 
     def _lora(self, state):
         if state is None:

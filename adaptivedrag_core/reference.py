@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch.nn.functional as F
 
@@ -42,16 +43,45 @@ class ReferenceRecording:
 
 
 class ReferenceControl:
-    """Shared state of the processors: mode ("record", "replay" or "off") and the current sampling step."""
+    """Shared state of the processors: mode ("record", "replay" or "off") and the current sampling step.
+
+    By default a replaying layer looks its keys and values up by step. With :meth:`use_static_buffers` it reads
+    them from one fixed pair of tensors per layer instead, which :meth:`load_step` refills before each UNet call:
+    then every step's UNet call reads the same tensors, and one CUDA graph serves them all.
+    """
 
     def __init__(self, recording: ReferenceRecording, start_step: int):
         self.recording = recording
         self.start_step = start_step
         self.mode = "off"
         self.step = 0
+        self.static: Optional[dict] = None
 
     def active(self) -> bool:
         return self.mode != "off" and self.step >= self.start_step
+
+    def use_static_buffers(self) -> None:
+        """Replay from fixed buffers, one (key, value) pair per controlled layer, from now on."""
+        if self.static is None:
+            self.static = {}
+            for (_step, layer), (key, value) in self.recording.keys_values.items():
+                if layer not in self.static:
+                    self.static[layer] = (key.clone(), value.clone())
+
+    def load_step(self) -> None:
+        """Copy the current step's recorded keys and values into the static buffers (when they are used)."""
+        if self.static is None or self.mode != "replay" or not self.active():
+            return
+        for layer, (key, value) in self.static.items():
+            recorded_key, recorded_value = self.recording.keys_values[(self.step, layer)]
+            key.copy_(recorded_key)
+            value.copy_(recorded_value)
+
+    def replayed(self, layer: int):
+        """The (key, value) a replaying ``layer`` uses at the current step."""
+        if self.static is not None:
+            return self.static[layer]
+        return self.recording.keys_values[(self.step, layer)]
 
 
 class ReferenceAttnProcessor:
@@ -89,7 +119,7 @@ class ReferenceAttnProcessor:
         control = self.control
         slot = (control.step, self.layer)
         if control.active() and control.mode == "replay":
-            key, value = control.recording.keys_values[slot]
+            key, value = control.replayed(self.layer)
             return key.to(hidden_states.dtype), value.to(hidden_states.dtype)
         key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         if control.active() and control.mode == "record":

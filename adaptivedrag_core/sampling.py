@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from .drag.closs import DEFAULT_CLOSS_KIND
+from .graphs import NoiseStep
 from .inversion import DDIMSchedule, ddim_step, predict_clean, unet_noise_fn
 from .progress import ProgressFn, report
 from .reference import ReferenceRecording, reference_control
@@ -115,6 +116,7 @@ def sample_dragged(
     uncond_embeddings=None,
     guidance_scale: float = 1.0,
     mask: Optional[torch.Tensor] = None,
+    graphs=None,
 ) -> torch.Tensor:
     """Denoise the dragged z_t to z_0 with the reference keys/values replayed, optionally with CLoss.
 
@@ -130,6 +132,8 @@ def sample_dragged(
         uncond_embeddings, guidance_scale: classifier-free guidance (off at scale 1); as for the recording.
         mask: None or [h,w] bool on the latent grid, True = may change: CLoss changes nothing outside it. An
             empty mask counts as none (``EmptyMaskWarning``).
+        graphs: a :class:`~adaptivedrag_core.graphs.StepGraphs`: the UNet calls run as capture-ready steps
+            (:class:`~adaptivedrag_core.graphs.NoiseStep`), replayed from CUDA graphs when it is enabled.
     Returns:
         z_0, in ``dragged_latent``'s dtype.
     """
@@ -138,6 +142,8 @@ def sample_dragged(
         raise ValueError("CLoss needs the original latent and the handle/target points")
     with torch.inference_mode(False), reference_control(unet, reference.recording, start_layer, start_step) as control:
         noise_fn = _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale)
+        if graphs is not None:
+            noise_fn = NoiseStep(noise_fn, graphs, "sampling", control)
         latent = dragged_latent.detach().clone()
         if use_closs:
             original_latent = original_latent.clone()

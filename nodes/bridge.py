@@ -2,11 +2,11 @@
 
 A ComfyUI MODEL becomes a diffusers ``UNet2DConditionModel`` that *shares* the model's weights: the
 UNet is built once per ComfyUI model on the meta device and the ComfyUI tensors are assigned to it for one node
-run, so nothing is copied (except for the nodes that back-propagate, and low-precision weights, see
-:func:`bridged_model`). ComfyUI first loads the model with its weight patches (LoraLoader and friends) applied, so
-the user's LoRAs are part of what the core sees; the patches the core cannot apply (attention patches, FreeU,
-IPAdapter, ...) are named in a warning on the node, and a model that is not SD1.5's epsilon prediction on its
-own noise schedule is refused. The given MODEL is never changed: a clone is loaded.
+run, so nothing is copied (except low-precision weights, cast to the compute dtype; see :func:`bridged_model`).
+ComfyUI first loads the model with its weight patches (LoraLoader and friends) applied, so the user's LoRAs are
+part of what the core sees; the patches the core cannot apply (attention patches, FreeU, IPAdapter, ...) are named
+in a warning on the node, and a model that is not SD1.5's epsilon prediction on its own noise schedule is
+refused. The given MODEL is never changed: a clone is loaded.
 
 ComfyUI runs nodes under ``torch.inference_mode()``; tensors handed to the core are made ordinary first
 (:func:`ordinary`), so the core's optimisers can use them in autograd.
@@ -24,7 +24,7 @@ import torch
 
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.images import resize_labels
-from adaptivedrag_core.models import SD15_LATENT_SCALE, SD15_SCHEDULER_CONFIG
+from adaptivedrag_core.models import SD15_LATENT_SCALE, SD15_SCHEDULER_CONFIG, ordinary_alias
 
 # What ComfyUI's model detection reports for every SD1.x checkpoint.
 SD1_SIGNATURE = {"context_dim": 768, "model_channels": 320, "in_channels": 4}
@@ -74,8 +74,9 @@ def bridged_model(model: Any, trainable: bool = False, stage: Optional[str] = No
         model: a ComfyUI MODEL; outside ComfyUI (scripts, tests) also a :class:`CoreModel` or an
             ``SDComponents`` from the core.
         trainable: the caller back-propagates through the UNet (LoRA training, latent optimisation, CLoss).
-            Weights ComfyUI created under ``torch.inference_mode`` cannot take part in autograd, so those
-            are copied; otherwise every weight in a compute dtype is shared.
+            Weights ComfyUI created under ``torch.inference_mode`` cannot be saved by autograd, so those are
+            handed over as ordinary aliases of the same memory (``models.ordinary_alias``), not copies: the
+            node's peak is the core's (``bench estimate --node-weights shared``).
         stage, latent: what the node runs (a key of :data:`STAGE_MEMORY_GIB_512`) and on which latent: ComfyUI
             frees the memory that needs (:func:`stage_memory`) when it loads the model.
     """
@@ -243,7 +244,7 @@ def _from_model_patcher(model, trainable: bool, stage: Optional[str], latent: Op
                 value = comfy_weights[comfy_key]
                 if value.is_floating_point() and value.dtype != dtype:
                     value = value.to(dtype)  # fp8 storage, or ComfyUI's manual cast: compute in ``dtype``
-                weights[diffusers_key] = value.clone() if trainable and value.is_inference() else value
+                weights[diffusers_key] = ordinary_alias(value) if trainable else value
         unet = _UNETS.get(model.model)
         if unet is None:
             with torch.device("meta"):

@@ -9,6 +9,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from adaptivedrag_core.drag import DragStart
+from adaptivedrag_core.features import UNetFeatures, compact_drag_start, drag_start_from
 from adaptivedrag_core.inversion import DDIMSchedule, ddim_invert, make_schedule, unet_noise_fn
 from adaptivedrag_core.lora import identity_lora
 from adaptivedrag_core.models import SD15_SCHEDULER_CONFIG
@@ -40,6 +42,8 @@ class InvertedLatent:
         references: reference-branch recordings (on the CPU) by (start layer, start step), made by the CLoss
             Sampler the first time it needs one (:meth:`reference`). They depend only on this inversion, so every
             re-drag of the same image reuses them, as it reuses the inversion itself.
+        drag_starts: the drag's starting features by (feature block, mask term), kept compact on the CPU
+            (:meth:`drag_start`; 5 MiB at 512 px), so a re-drag runs no UNet pass for them.
     """
 
     model: Any
@@ -50,6 +54,7 @@ class InvertedLatent:
     text_embeddings: torch.Tensor
     working_copy: Optional[WorkingCopy] = None
     references: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    drag_starts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def working_size(self) -> tuple[int, int]:
@@ -60,6 +65,15 @@ class InvertedLatent:
     def image_size(self) -> tuple[int, int]:
         """(width, height) in pixels of the input image, the one points and masks are given on."""
         return self.working_copy.original_size if self.working_copy is not None else self.working_size
+
+    def drag_start(self, feature_fn: UNetFeatures, latent: torch.Tensor) -> DragStart:
+        """The drag's start at ``latent`` (this inversion's, on the UNet's device): a kept one, or one computed
+        and kept (:func:`~adaptivedrag_core.features.compact_drag_start`)."""
+        key = (feature_fn.block_index, feature_fn.with_prediction)
+        if key not in self.drag_starts:
+            self.drag_starts[key] = tuple(None if tensor is None else tensor.cpu()
+                                          for tensor in compact_drag_start(feature_fn, latent))
+        return drag_start_from(feature_fn, self.drag_starts[key], latent)
 
     def reference(self, key: tuple, record: Callable[[], Any]):
         """The reference recording for ``key`` (start layer, start step): a kept one, or ``record()``'s, which is

@@ -125,10 +125,13 @@ def semantic_drag(inverted: InvertedLatent, drag_points: DragPoints, method: str
 
     with bridged_model(inverted.model, trainable=True, stage="drag", latent=inverted.inverted_latent) as core:
         with lora_context(core, inverted.lora):
+            latent = inverted.inverted_latent.to(core.device).float()
             result = drag_on_features(core.unet, inverted.text_embeddings.to(core.device), inverted.schedule,
-                                      inverted.inverted_latent.to(core.device), handles, targets, grid_size, method,
+                                      latent, handles, targets, grid_size, method,
                                       fitted_mask.array, fitted_regions.array if fitted_regions else None,
-                                      progress=node_progress(), **options)
+                                      progress=node_progress(),
+                                      start_for=lambda feature_fn: inverted.drag_start(feature_fn, latent),
+                                      **options)
     release_memory()
     final = [map_point(point, *grid_size, width, height) for point in result.handles]
     notes.append(f"{method}: {int(result.steps)} steps; handles ended at (target in brackets): "

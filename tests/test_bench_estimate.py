@@ -1,6 +1,8 @@
 """The GPU-free estimate: the live-byte count, the meta run against a real one, FLOPs, what checkpointing saves."""
 
 import argparse
+import copy
+import functools
 import json
 
 import pytest
@@ -11,14 +13,21 @@ from adaptivedrag_core.bench.estimate import CostCounter, EstimateConfig, estima
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.models import tiny_sd_components
 
-STAGES = ["prepare", "lora", "lora_merge", "inversion", "reference", "drag_start", "drag", "sampling", "vae_decode"]
+STAGES = ["prepare", "lora", "lora_merge", "inversion", "reference", "drag_start", "drag", "drag_end", "sampling",
+          "vae_decode"]
 # 2 inversion and sampling steps, no SAM2 stage
 SMALL = dict(size=64, num_steps=4, strength=0.5, lora_steps=10, drag_steps=20, sam2_size="none")
 
 
 def _estimate(device="cpu", **overrides):
-    """The tiny model's estimate; on the CPU by default (as exact as meta, see below, and faster for it)."""
-    return estimate_edit(EstimateConfig(**{**SMALL, **overrides}), tiny_sd_components(seed=0), device=device)
+    """The tiny model's estimate; on the CPU by default (as exact as meta, see below, and faster for it). Each
+    configuration runs once per test session (a copy is returned)."""
+    return copy.deepcopy(_estimate_once(device, tuple(sorted(overrides.items()))))
+
+
+@functools.lru_cache(maxsize=None)
+def _estimate_once(device: str, overrides: tuple) -> dict:
+    return estimate_edit(EstimateConfig(**{**SMALL, **dict(overrides)}), tiny_sd_components(seed=0), device=device)
 
 
 def _peaks(report):
@@ -61,6 +70,16 @@ def test_meta_estimate_matches_a_real_run_on_the_cpu():
     # it at a smaller scale (drag.common.LossScaler): a one-off cost the meta run, which has no values, cannot see.
     assert meta_flops["sampling"] < real_flops.pop("sampling") < 1.5 * meta_flops.pop("sampling")
     assert meta_flops == real_flops
+    assert meta["unet_forward_launches"] == real["unet_forward_launches"]
+    for name, stage in meta["stages"].items():
+        if name in ("prepare", "lora"):  # copies to the device (the prompt's token ids, the LoRA's noise drawn
+            # on the host): a kernel on meta, as on a GPU; none on the CPU
+            assert 0 < stage["launches_per_step"] - real["stages"][name]["launches_per_step"] <= 2, name
+            continue
+        if name == "sampling":  # the real run's one repeated CLoss backward (above)
+            assert stage["launches_per_step"] < real["stages"][name]["launches_per_step"], name
+            continue
+        assert stage["launches_per_step"] == real["stages"][name]["launches_per_step"] > 0, name
     for stage, peak in _peaks(meta).items():
         assert peak == pytest.approx(_peaks(real)[stage], rel=0.01), stage
 
@@ -85,6 +104,15 @@ def test_report_weights_peak_target_and_totals():
     total = sum(stage["flop_per_step"] * stage["edit_steps"] for stage in stages.values())
     assert report["first_edit_tflop"] == pytest.approx(total / 1e12, abs=1e-3)
     assert 0 < report["re_drag_tflop"] < report["first_edit_tflop"]
+    # Each stage that runs the UNet merges the LoRA for itself: four in a first edit, two in a re-drag.
+    assert (stages["lora_merge"]["steps_run"], stages["lora_merge"]["edit_steps"]) == (1, 4)
+    re_drag_steps = {"lora_merge": 2, "drag": 20, "drag_end": 1, "sampling": 2, "vae_decode": 1}  # the rest is cached
+    for total, per_step in (("re_drag_tflop", "flop_per_step"), ("re_drag_launches", "launches_per_step")):
+        expected = sum(stages[name][per_step] * steps for name, steps in re_drag_steps.items())
+        assert report[total] == (pytest.approx(expected / 1e12, abs=1e-3) if per_step == "flop_per_step" else expected)
+    # The merged identity LoRA adds no kernel to a forward pass; peft's unmerged layers add several per projection.
+    launches = report["unet_forward_launches"]
+    assert launches["merged_identity_lora"] == launches["plain"] < launches["unmerged_peft_lora"]
     json.dumps(report)
 
 
@@ -94,14 +122,45 @@ def test_flops_follow_the_passes_each_step_makes():
     assert flops["reference"] == pytest.approx(forward, rel=0.01)  # one forward per step, no gradient
     assert 0 < flops["lora_merge"] < 0.2 * forward  # one small product per projection, not a pass
     assert flops["drag_start"] == pytest.approx(forward, rel=0.05)  # one forward (and the feature resize)
+    assert flops["drag_end"] < 0.9 * flops["drag_start"]  # the same forward, stopped after the feature block
     # A backward pass for the input's gradient costs up to one forward more (less: the first layers need none),
     # and one for the weights' gradients on top: LoRA's are small.
     assert 1.5 * forward < flops["drag"] < 3 * forward
     assert flops["sampling"] == pytest.approx(flops["drag"], rel=0.05)  # CLoss on every step: the same passes
     assert 4 * 1.5 * forward < flops["lora"] < 4 * 3 * forward  # batch 4
-    no_closs = _flops(_estimate(method="dragdiffusion"))
+    no_closs = _flops(_estimate(method="dragdiffusion", drag_steps=None))
     # One forward, less the key/value projections of the layers that replay the reference's.
     assert 0.9 * forward < no_closs["sampling"] < forward
+
+
+def test_the_drag_budget_is_each_method_s():
+    """DragDiffusion 80 steps; AdaptiveDrag n = 80 growing up to n_max = 300; FreeDrag 300 steps and one more
+    evaluation per drag of at most 5 steps (at least 60), up to one per step when drags end early."""
+    budgets = {}
+    for method in ("dragdiffusion", "adaptive", "freedrag"):
+        report = _estimate(method=method, drag_steps=None)
+        stages = report["stages"]
+        budgets[method] = [(stages[name]["edit_steps"], stages[name]["edit_steps_most"]) for name in ("drag", "drag_end")]
+        most_is_more = report["first_edit_tflop_most"] > report["first_edit_tflop"]
+        assert most_is_more is (method != "dragdiffusion")
+        assert report["re_drag_tflop_most"] - report["re_drag_tflop"] == pytest.approx(
+            report["first_edit_tflop_most"] - report["first_edit_tflop"], abs=2e-3)
+        assert report["re_drag_launches_most"] >= report["re_drag_launches"] > 0
+    assert budgets == {"dragdiffusion": [(80, 80), (1, 1)], "adaptive": [(80, 300), (1, 1)],
+                       "freedrag": [(300, 300), (60, 300)]}
+    config = EstimateConfig(method="adaptive", drag_steps=10, drag_max_steps=25)
+    assert (config.drag_steps, config.drag_max_steps, config.drag_evaluations()) == (10, 25, (1, 1))
+    assert EstimateConfig(method="freedrag", drag_steps=12).drag_evaluations() == (3, 12)
+
+
+def test_comfyui_s_weights_shared_with_the_nodes_cost_nothing_more_where_a_copy_cost_the_unet_again():
+    """The node path: ComfyUI's inference-mode weights handed over as aliases keep every stage's peak the
+    pipeline's; the copy the nodes made before put the UNet's weights on the device twice."""
+    own, shared, copied = _estimate(), _estimate(node_weights="shared"), _estimate(node_weights="copied")
+    assert _peaks(shared) == _peaks(own) and _flops(shared) == _flops(own)
+    unet_bytes = sum(tensor.nbytes for tensor in tiny_sd_components(seed=0).unet.half().state_dict().values())
+    assert copied["weights_bytes"] - own["weights_bytes"] == unet_bytes
+    assert _peaks(copied)["lora"] - _peaks(own)["lora"] == unet_bytes
 
 
 def test_gradient_checkpointing_lowers_the_lora_peak_and_adds_a_recomputation():
@@ -124,6 +183,9 @@ def test_a_bigger_image_or_batch_needs_more():
 @pytest.mark.parametrize("bad, message", [
     (dict(size=100), "multiple of 8"), (dict(method="warp"), "unknown method"), (dict(dtype="fp8"), "fp16 or bf16"),
     (dict(drag_steps=0), "drag-steps must be at least 1"),
+    (dict(drag_steps=50, drag_max_steps=40), "must be at least drag-steps"),
+    (dict(method="freedrag", drag_max_steps=400), "only AdaptiveDrag's budget grows"),
+    (dict(node_weights="borrowed"), "node weights must be one of"),
 ])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(InputError, match=message):

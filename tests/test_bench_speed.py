@@ -38,7 +38,7 @@ def _check_figures(figures: dict):
 def test_cli_speed_report_has_every_stage_and_the_requested_drag_steps(tmp_path, capsys):
     out = tmp_path / "speed.json"
     args = _parser().parse_args(["bench", "speed", "--size", "64", "--drag-steps", "3", "--lora-steps", "2",
-                                 "--ddim-steps", "10", "--sam2-size", "none", "--out", str(out)])
+                                 "--ddim-steps", "10", "--sam2-size", "none", "--cuda-graphs", "on", "--out", str(out)])
     assert args.run(args) == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report
@@ -58,6 +58,9 @@ def test_cli_speed_report_has_every_stage_and_the_requested_drag_steps(tmp_path,
     assert report["first_edit_s"] >= 0 and report["re_drag_s"] >= 0
     assert report["first_edit_peak_memory_bytes"] > 0
     assert report["environment"]["device"] == "cpu"
+    # Asked for, but the CPU never captures CUDA graphs.
+    assert report["config"]["cuda_graphs"] is True and report["cuda_graphs"] is False
+    assert report["cuda_graph_failures"] == {}
 
 
 @pytest.mark.parametrize("method", ["dragdiffusion", "freedrag"])

@@ -1,4 +1,5 @@
-"""load_sd15 (diffusers folder, single-file LDM checkpoints, pickles), its errors, and encode_prompt."""
+"""load_sd15 (diffusers folder, single-file LDM checkpoints, pickles), its errors, encode_prompt, and
+ordinary_alias."""
 
 import argparse
 import shutil
@@ -17,6 +18,7 @@ from adaptivedrag_core.models import (
     SDComponents,
     encode_prompt,
     load_sd15,
+    ordinary_alias,
     tiny_sd_components,
 )
 
@@ -300,3 +302,29 @@ def test_encode_prompt_pads_to_77_tokens(tiny):
     assert embeddings.shape == (1, 77, 32)
     assert not torch.equal(embeddings, encode_prompt(tiny, ""))
 
+
+
+def _latent_gradient(unet, latent, context):
+    latent = latent.clone().requires_grad_(True)
+    unet(latent, 10, encoder_hidden_states=context).sample.square().sum().backward()
+    return latent.grad
+
+
+def test_weights_made_in_inference_mode_back_propagate_through_their_aliases_without_a_copy():
+    """As the ComfyUI nodes get SD1.5's weights: autograd refuses the inference tensors themselves; their aliases
+    share their memory and give exactly the gradient of ordinary weights."""
+    unet = tiny_sd_components(seed=0).unet.requires_grad_(False)
+    latent, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+    expected = _latent_gradient(unet, latent, context)
+    with torch.inference_mode():
+        comfyui = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    unet.load_state_dict(comfyui, assign=True)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        _latent_gradient(unet, latent, context)
+    aliases = {name: ordinary_alias(tensor) for name, tensor in comfyui.items()}
+    assert not any(alias.is_inference() for alias in aliases.values())
+    assert all(aliases[name].data_ptr() == tensor.data_ptr() for name, tensor in comfyui.items())
+    unet.load_state_dict(aliases, assign=True)
+    assert torch.equal(_latent_gradient(unet, latent, context), expected)
+    ordinary = torch.ones(3)
+    assert ordinary_alias(ordinary) is ordinary

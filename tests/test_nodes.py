@@ -264,6 +264,23 @@ def test_resampling_a_new_drag_reuses_the_reference_recording(graph_inputs, inve
     assert torch.isfinite(latent["samples"]).all()
 
 
+def test_a_re_drag_reuses_the_drag_s_starting_features(graph_inputs, inverted):
+    """Kept with the inversion: the second drag runs no UNet pass for its start, and drags bitwise as the first
+    (tolerance zero), whose start was computed."""
+    inverted.drag_starts.clear()
+    options = dict(drag_points=graph_inputs["points"], method="dragdiffusion", steps=2, max_steps=2)
+    (first,) = run(semantic_drag.SPEC, inverted=inverted, **options).outputs
+    assert list(inverted.drag_starts) == [(2, False)]
+    calls = []
+    hook = inverted.model.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        (second,) = run(semantic_drag.SPEC, inverted=inverted, **options).outputs
+    finally:
+        hook.remove()
+    assert len(calls) == second.steps + 1  # one per step and one for the last tracking; none for the start
+    assert torch.equal(second.latent, first.latent) and second.steps == first.steps
+
+
 def test_semantic_drag_rejects_points_of_another_image(inverted):
     points = DragPoints.from_json(points_json([((100, 100), (200, 100))], width=512, height=512))
     with pytest.raises(InputError, match="image is 64x64 .* but points were placed on 512x512"):

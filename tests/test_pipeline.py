@@ -101,12 +101,76 @@ def test_an_empty_mask_is_no_mask_with_a_warning(pipeline, monkeypatch):
     assert spy.seen["mask"] is None and spy.seen["latent_mask"] is None
 
 
-def test_second_drag_on_the_same_image_reuses_lora_inversion_and_reference(pipeline, monkeypatch):
+def test_second_drag_on_the_same_image_reuses_what_only_depends_on_the_image(pipeline, monkeypatch):
     image = _picture()
     pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), _settings(method="dragdiffusion"))
     monkeypatch.setattr(lora_module, "train_identity_lora", _must_not_train)
     again = pipeline.edit(image, DragPoints.from_pairs(["30,20:25,30"], *image.size), _settings(method="freedrag"))
-    assert again.reused == ["inversion", "lora", "reference"]
+    assert again.reused == ["drag_start", "inversion", "lora", "prompt", "reference", "vae_encode"]
+
+
+class _Calls:
+    """Counts the forward calls of a few modules."""
+
+    def __init__(self, **modules):
+        self.counts = dict.fromkeys(modules, 0)
+        self.hooks = [module.register_forward_pre_hook(self._counter(name)) for name, module in modules.items()]
+
+    def _counter(self, name):
+        def count(*args):
+            self.counts[name] += 1
+        return count
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def test_a_re_drag_runs_only_the_drag_and_the_sampling():
+    """Nothing the inversion fixed runs again: no VAE encode, no text encoder, no UNet call for the drag's starting
+    features; the drag's last evaluation (tracking only) stops after the feature block."""
+    pipeline = DragPipeline(tiny_sd_components(seed=0), model_id="tiny")
+    image = _picture()
+    mask = np.ones((image.height, image.width), bool)  # with a mask, every drag step runs the whole UNet
+    settings = _settings(method="dragdiffusion")  # 10 DDIM steps at strength 0.7: 7 sampling steps
+    pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), settings, mask=mask)
+    components = pipeline.components
+    calls = _Calls(unet=components.unet, last_decoder_block=components.unet.up_blocks[3],
+                   vae_encoder=components.vae.encoder, text_encoder=components.text_encoder)
+    try:
+        again = pipeline.edit(image, DragPoints.from_pairs(["30,20:25,30"], *image.size), settings, mask=mask)
+    finally:
+        calls.remove()
+    assert again.drag_steps >= 1
+    # One UNet call per drag step, one for the last tracking, one per sampling step.
+    assert calls.counts == {"unet": again.drag_steps + 1 + 7, "last_decoder_block": again.drag_steps + 7,
+                            "vae_encoder": 0, "text_encoder": 0}
+
+
+def test_a_re_drag_gives_what_a_first_edit_of_the_same_points_gives():
+    """Bitwise (tolerance zero): the cached latent, prompt, inversion and starting features are what a fresh
+    pipeline computes."""
+    image = _picture()
+    mask = np.zeros((image.height, image.width), bool)
+    mask[5:30, 5:35] = True
+    points = DragPoints.from_pairs(["30,20:25,30"], *image.size)
+    cached = DragPipeline(tiny_sd_components(seed=0), model_id="tiny")
+    cached.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), _settings(), mask=mask)
+    again = cached.edit(image, points, _settings(), mask=mask)
+    fresh = DragPipeline(tiny_sd_components(seed=0), model_id="tiny").edit(image, points, _settings(), mask=mask)
+    assert "drag_start" in again.reused and fresh.reused == []
+    assert np.array_equal(np.asarray(again.image), np.asarray(fresh.image))
+    assert again.final_handles == fresh.final_handles and again.drag_steps == fresh.drag_steps
+
+
+def test_the_drag_start_is_kept_at_the_feature_block_s_resolution():
+    pipeline = DragPipeline(tiny_sd_components(seed=0), model_id="tiny")
+    image = _picture()
+    pipeline.edit(image, DragPoints.from_pairs(["10,10:20,12"], *image.size), _settings(method="dragdiffusion"))
+    kept = {stage: value for (stage, _), value in pipeline._memory.items()}
+    block_output, prediction = kept["drag_start"]
+    # up_blocks[2]'s output has the latent's size, a quarter of the side of the map the drag compares.
+    assert block_output.shape[-2:] == kept["inversion"].shape[-2:] and prediction is None
 
 
 def test_disk_cache_survives_a_new_pipeline(tmp_path, monkeypatch):
@@ -209,7 +273,7 @@ NAN, INF = float("nan"), float("inf")
     (dict(lora_lr=NAN), "lora_lr"), (dict(lora_lr=0.0), "lora_lr"), (dict(lora_batch_size=0), "lora_batch_size"),
     (dict(seed=-1), "seed"), (dict(feature_scale=0.0), "feature_scale"), (dict(feature_block=7), "feature_block"),
     (dict(reference_start_layer=-1), "reference_start_layer"), (dict(reference_start_step=INF), "reference_start_step"),
-    (dict(lora_gradient_checkpointing="yes"), "lora_gradient_checkpointing"),
+    (dict(lora_gradient_checkpointing="yes"), "lora_gradient_checkpointing"), (dict(cuda_graphs="on"), "cuda_graphs"),
 ])
 def test_every_setting_is_checked_before_any_stage_runs(pipeline, monkeypatch, overrides, message):
     import adaptivedrag_core.pipeline as pipeline_module

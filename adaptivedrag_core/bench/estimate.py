@@ -8,21 +8,34 @@ every operator and counts:
 - the bytes of every live tensor storage, so each stage's peak is what ``torch.cuda.max_memory_allocated``
   would report for it, weights and what earlier stages keep alive included, less what a GPU adds on its own
   (the allocator's rounding, cuBLAS/cuDNN workspaces: tens of MiB);
-- FLOPs, with PyTorch's formulas (matrix products, convolutions, attention; 2 FLOPs per multiply-add), per step.
+- FLOPs, with PyTorch's formulas (matrix products, convolutions, attention; 2 FLOPs per multiply-add), per step;
+- kernel launches: the operators that run a kernel (:func:`launches_kernel`: all but views and allocations), per
+  step. Eager execution of SD1.5 is bound by launching them; a CUDA graph launches a step's kernels at once.
 
-The stages are the pipeline's own functions (``train_identity_lora``'s loop, ``ddim_invert``,
-``record_reference``, ``sample_dragged`` with CLoss, the VAE), with two exceptions:
+The stages are the pipeline's own functions (the identity LoRA's capture-ready training step, ``ddim_invert``
+through the capture-ready noise step, ``record_reference``, ``sample_dragged`` with CLoss, the VAE), with two
+exceptions:
 
 - the LoRA runs two steps, not all of them (from the second step on, every step holds the same tensors: AdamW's
   state exists); its weights are not copied to the CPU at the end (meta tensors hold no data to copy);
 - the drag runs one optimisation step through the real feature function (features of ``up_blocks[2]`` at half
   the image size, and x_{t-1} for the mask term), keeping the starting features as ``drag()`` keeps them, with
-  a plain stand-in for the motion-supervision loss: ``drag()``'s point tracking needs values.
+  a plain stand-in for the motion-supervision loss (``drag()``'s point tracking needs values), then one
+  evaluation that ends a drag (``drag_end``: the features alone, no autograd, the UNet stopped after the feature
+  block).
 
-``lora_merge`` is ``identity_lora`` merging the LoRA into the projection weights, once per edit (and per
-re-drag): its peak holds the merged copies beside the originals, as every later stage does.
+``lora_merge`` is ``identity_lora`` merging the LoRA into the projection weights: its peak holds the merged copies
+beside the originals, as every later stage does. The pipeline's stages each merge for themselves: four merges in a
+first edit (inversion, reference, drag, sampling), two in a re-drag (``LORA_MERGES``).
 
-Per-step figures are scaled to the edit's step counts (``lora_steps``, ``drag_steps``) for the totals.
+Per-step figures are scaled to the edit's step counts for the totals: ``lora_steps``; the drag's budget
+(``drag_steps``: the method's default, 80 for DragDiffusion and AdaptiveDrag's n, 300 for FreeDrag) and, for the
+``_most`` totals, the most it can take (AdaptiveDrag's budget grows up to n_max, 300); ``drag_end`` once for the
+point-tracking methods (the last tracking), and for FreeDrag once per drag of at most 5 steps (budget / 5), up to
+once per step when drags end early (those early ends run with autograd and, with a mask, the whole UNet: the
+``_most`` figure prices them as ``drag_end``, so it is low by that difference). A re-drag runs ``lora_merge``
+(twice), ``drag``, ``drag_end``, ``sampling`` and ``vae_decode``: the rest, the drag's starting features included,
+is cached.
 
 Before the edit, ``sam2_features`` is the auto mask's SAM2 image encoder (random-init SAM2 of ``sam2_size``, float32,
 on a 1024x1024 input: ``Sam2Encoder.embeddings``, the bulk of ``Sam2Encoder.features``) with the SD1.5 weights
@@ -38,10 +51,11 @@ Nothing here depends on the device: the LoRA step runs without autocast on every
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -55,18 +69,22 @@ from torch.utils.flop_counter import (
     sdpa_flop,
 )
 
+from ..drag.adaptive import AdaptiveOptions
 from ..drag.common import LatentAdam, split_features
+from ..drag.dragdiffusion import DragDiffusionOptions
+from ..drag.freedrag import FreeDragOptions
 from ..errors import InputError
-from ..features import make_feature_fn
+from ..features import compact_drag_start, drag_start_from, make_feature_fn
 from ..inversion import ddim_invert, make_schedule, unet_noise_fn
+from ..graphs import NoiseStep, StepGraphs
 from ..lora import (
-    fit_noise,
+    NoiseFitting,
     identity_lora,
     lora_in_training,
     lora_weights,
     training_batch,
 )
-from ..models import SDComponents, encode_prompt, random_sd15_components
+from ..models import SDComponents, encode_prompt, ordinary_alias, random_sd15_components
 from ..pipeline import (
     VAE_DOWNSCALE,
     EditSettings,
@@ -94,6 +112,32 @@ def _fused_attention_backward_flop(grad_out, query, key, value, *args, out_val=N
     return sdpa_backward_flop(grad_out.shape, query.shape, key.shape, value.shape)
 
 
+# Operators that run no kernel on a GPU: views and other changes of metadata, allocations without a fill.
+_NO_KERNEL = {torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.lift_fresh.default,
+              torch.ops.aten._unsafe_view.default, torch.ops.aten.empty.memory_format,
+              torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default,
+              torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default,
+              torch.ops.aten._local_scalar_dense.default}
+
+
+def launches_kernel(func) -> bool:
+    """Whether the operator ``func`` runs a kernel (about one launch each on a GPU; a few, such as group norm or a
+    fused optimiser over many tensors, launch more than one)."""
+    return not func.is_view and func not in _NO_KERNEL
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the operators that run a kernel (:func:`launches_kernel`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.launches += launches_kernel(func)
+        return func(*args, **(kwargs or {}))
+
+
 class CostCounter(TorchDispatchMode):
     """Counts the bytes of tensor storages alive (and their peak since the last :meth:`reset_peak`), and the
     FLOPs of the operators run.
@@ -109,6 +153,7 @@ class CostCounter(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.flops = 0
+        self.launches = 0
         self._storages: dict[int, weakref.ref] = {}
 
     def track(self, *tensors) -> None:
@@ -142,6 +187,7 @@ class CostCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         self.track(*tree_leaves(result))
+        self.launches += launches_kernel(func)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=result)
@@ -176,10 +222,18 @@ class EstimateConfig:
         method: "adaptive", "freedrag" or "dragdiffusion" (CLoss sampling for adaptive).
         mask: the drag uses a mask (the mask term needs the whole UNet), as an edit with the auto mask does.
         lora_gradient_checkpointing: train the LoRA with gradient checkpointing.
-        lora_steps, drag_steps: step counts the per-step figures are scaled to (80 and 80).
+        lora_steps: LoRA steps the per-step figures are scaled to (80).
+        drag_steps: the drag's step budget: ``max_steps`` of DragDiffusion (80) and FreeDrag (300), AdaptiveDrag's
+            n (80); None takes the method's default.
+        drag_max_steps: AdaptiveDrag's n_max, the most its budget can grow to (300); None takes the default. The
+            other methods' budgets do not grow.
         lora_batch_size, lora_rank, num_steps, strength: as :class:`EditSettings` (4, 16, 50, 0.7).
         dtype: "fp16" or "bf16" for the UNet and text encoder (the VAE stays fp32).
         sam2_size: SAM2 for the ``sam2_features`` stage (tiny, small, base_plus, large), or "none" to leave it out.
+        node_weights: whose UNet weights the stages run on: "own" (the pipeline's, the default); "shared" (the
+            ComfyUI nodes': made under inference mode, as ComfyUI makes them, and handed to the core as ordinary
+            aliases of the same memory, as the bridge does); "copied" (as the bridge did before: a copy beside
+            ComfyUI's, for the nodes that back-propagate; held here through every stage).
     """
 
     size: int = 512
@@ -187,18 +241,31 @@ class EstimateConfig:
     mask: bool = True
     lora_gradient_checkpointing: bool = False
     lora_steps: int = 80
-    drag_steps: int = 80
+    drag_steps: Optional[int] = None
+    drag_max_steps: Optional[int] = None
     lora_batch_size: int = 4
     lora_rank: int = 16
     num_steps: int = 50
     strength: float = 0.7
     dtype: str = "fp16"
     sam2_size: str = "large"
+    node_weights: str = "own"
 
     def __post_init__(self):
         if self.sam2_size not in SAM2_SIZES:
             raise InputError(f"unknown SAM2 size {self.sam2_size!r}; choose one of {', '.join(SAM2_SIZES)}")
-        check_bench_edit(self, ("lora_steps", "drag_steps", "lora_batch_size", "lora_rank", "num_steps"))
+        check_bench_edit(self, ("lora_steps", "lora_batch_size", "lora_rank", "num_steps"))
+        budget, cap = default_drag_budget(self.method)
+        self.drag_steps = budget if self.drag_steps is None else self.drag_steps
+        self.drag_max_steps = (cap if self.method == "adaptive" else self.drag_steps) \
+            if self.drag_max_steps is None else self.drag_max_steps
+        check_bench_edit(self, ("drag_steps", "drag_max_steps"))
+        if self.drag_max_steps < self.drag_steps:
+            raise InputError(f"drag-max-steps ({self.drag_max_steps}) must be at least drag-steps ({self.drag_steps})")
+        if self.method != "adaptive" and self.drag_max_steps != self.drag_steps:
+            raise InputError(f"only AdaptiveDrag's budget grows: drag-max-steps is for --method adaptive")
+        if self.node_weights not in NODE_WEIGHTS:
+            raise InputError(f"node weights must be one of {', '.join(NODE_WEIGHTS)}, got {self.node_weights!r}")
         if self.dtype not in ("fp16", "bf16"):
             raise InputError(f"dtype must be fp16 or bf16, got {self.dtype!r}")
 
@@ -208,20 +275,69 @@ class EstimateConfig:
                             num_steps=self.num_steps, strength=self.strength,
                             lora_gradient_checkpointing=self.lora_gradient_checkpointing)
 
+    def drag_evaluations(self) -> tuple[int, int]:
+        """Evaluations that end a drag without a step after them (the ``drag_end`` stage): (fewest, most).
+
+        DragDiffusion and AdaptiveDrag evaluate once more after their last step, for the last tracking. FreeDrag
+        evaluates once more after every drag of at most ``max_drag_steps`` (5) steps: at least budget / 5 times;
+        at most once per step, when every drag ends early after one step.
+        """
+        if self.method != "freedrag":
+            return 1, 1
+        return math.ceil(self.drag_steps / FreeDragOptions().max_drag_steps), self.drag_steps
+
+
+def default_drag_budget(method: str) -> tuple[int, int]:
+    """The method's default drag budget and the most it can grow to, from its options' defaults."""
+    if method == "adaptive":
+        return AdaptiveOptions().n_steps, AdaptiveOptions().n_max
+    steps = (FreeDragOptions if method == "freedrag" else DragDiffusionOptions)().max_steps
+    return steps, steps
+
+
+#: The choices of :attr:`EstimateConfig.node_weights`.
+NODE_WEIGHTS = ("own", "shared", "copied")
+
+
+def as_node_weights(unet: torch.nn.Module, node_weights: str) -> list:
+    """Give ``unet`` its weights as the ComfyUI nodes would (see :attr:`EstimateConfig.node_weights`).
+
+    Returns:
+        ComfyUI's own weight tensors that stay alive beside the UNet's ("copied"); empty otherwise (the UNet's
+        weights are ComfyUI's, or its own).
+    """
+    if node_weights == "own":
+        return []
+    with torch.inference_mode():  # as ComfyUI loads a model
+        comfyui = {name: tensor.detach().clone() for name, tensor in unet.state_dict().items()}
+    if node_weights == "shared":
+        handed = {name: ordinary_alias(tensor) for name, tensor in comfyui.items()}
+    else:
+        handed = {name: tensor.clone() for name, tensor in comfyui.items()}
+    unet.load_state_dict(handed, strict=True, assign=True)
+    return list(comfyui.values()) if node_weights == "copied" else []
+
 
 @dataclass
 class StageEstimate:
-    """One stage: its peak memory (bytes, everything alive included), its compute per step (FLOPs), the steps
-    the estimate ran, and the steps the edit runs."""
+    """One stage: its peak memory (bytes, everything alive included), its compute (FLOPs) and kernel-running
+    operators (:func:`launches_kernel`) per step, the steps the estimate ran, and the steps the edit runs: at its
+    budget, and at most (AdaptiveDrag's grown budget, FreeDrag's early-ending drags)."""
 
     peak_bytes: int
     flop_per_step: int
+    launches_per_step: int
     steps_run: int
     edit_steps: int
+    edit_steps_most: int
 
     @property
     def edit_flop(self) -> int:
         return self.flop_per_step * self.edit_steps
+
+    @property
+    def edit_flop_most(self) -> int:
+        return self.flop_per_step * self.edit_steps_most
 
 
 class StageMeter:
@@ -231,13 +347,25 @@ class StageMeter:
         self.counter = counter
         self.stages: dict[str, StageEstimate] = {}
         self._flop_mark = counter.flops
+        self._launch_mark = counter.launches
 
-    def lap(self, name: str, steps_run: int = 1, edit_steps: Optional[int] = None) -> None:
+    def lap(self, name: str, steps_run: int = 1, edit_steps: Optional[int] = None,
+            edit_steps_most: Optional[int] = None) -> None:
         flops = self.counter.flops - self._flop_mark
-        self.stages[name] = StageEstimate(self.counter.peak, flops // steps_run, steps_run,
-                                          steps_run if edit_steps is None else edit_steps)
+        launches = self.counter.launches - self._launch_mark
+        edit_steps = steps_run if edit_steps is None else edit_steps
+        self.stages[name] = StageEstimate(self.counter.peak, flops // steps_run, launches // steps_run, steps_run,
+                                          edit_steps, edit_steps if edit_steps_most is None else edit_steps_most)
         self._flop_mark = self.counter.flops
+        self._launch_mark = self.counter.launches
         self.counter.reset_peak()
+
+
+#: What a re-drag runs: the inversion, the reference and the drag's starting features come from the cache.
+RE_DRAG_STAGES = ("lora_merge", "drag", "drag_end", "sampling", "vae_decode")
+#: ``identity_lora`` merges per edit: each of the pipeline's stages that runs the UNet merges the LoRA for itself
+#: (the inversion, the reference, the drag and the sampling; a re-drag the last two).
+LORA_MERGES = {"first_edit": 4, "re_drag": 2}
 
 
 def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = None, device=META) -> dict:
@@ -250,10 +378,12 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
             (the tests check this on the tiny model) and takes far longer on a large model.
 
     Returns:
-        A JSON-ready report: ``stages`` (stage -> peak bytes, FLOPs per step, steps), ``weights_bytes``,
-        ``reference_recording_bytes``, ``peak_bytes`` / ``peak_gib`` / ``peak_stage`` (over every stage, the
-        auto mask's included), ``meets_target`` (the issue's 6 GiB), and ``first_edit_tflop`` /
-        ``re_drag_tflop`` at the configured step counts (the auto mask left out).
+        A JSON-ready report: ``stages`` (stage -> peak bytes, FLOPs and kernel launches per step, steps),
+        ``weights_bytes``, ``reference_recording_bytes``, ``peak_bytes`` / ``peak_gib`` / ``peak_stage`` (over every
+        stage, the auto mask's included), ``meets_target`` (the issue's 6 GiB), ``first_edit_tflop`` /
+        ``re_drag_tflop`` and the launches of both at the drag's budget, the same ``_most`` at its largest
+        (the auto mask left out), and ``unet_forward_launches``: one UNet forward pass plain, with the identity
+        LoRA merged (as every pass but the LoRA's training runs), and with peft's unmerged layers (as it trains).
     """
     started = time.perf_counter()
     device = torch.device(device)
@@ -264,6 +394,8 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
         place_module(module, device, module_dtype)
     settings = config.edit_settings()
     counter = CostCounter()
+    comfyui_weights = as_node_weights(components.unet, config.node_weights)
+    counter.track(*comfyui_weights)
     for module in (components.unet, components.text_encoder, components.vae):
         counter.track_module(module)
     weights = counter.live
@@ -275,30 +407,44 @@ def estimate_edit(config: EstimateConfig, components: Optional[SDComponents] = N
         if sam2 is not None:
             _sam2_features(sam2, meter)
             del sam2
-        recording_bytes = _edit_stages(components, config, settings, meter, device)
+        recording_bytes, lora = _edit_stages(components, config, settings, meter, device)
+    with fused_attention():
+        forward_launches = unet_forward_launches(components, config, settings, lora, device)
     stages = meter.stages
     peak_stage = max(stages, key=lambda name: stages[name].peak_bytes)
     peak = stages[peak_stage].peak_bytes
-    re_drag = ("lora_merge", "drag_start", "drag", "sampling", "vae_decode")
+    edit = [stage for name, stage in stages.items() if name != "sam2_features"]  # its own node, before the edit
+    re_drag = [replace(stages[name], edit_steps=LORA_MERGES["re_drag"], edit_steps_most=LORA_MERGES["re_drag"])
+               if name == "lora_merge" else stages[name] for name in RE_DRAG_STAGES]
     return {
         "estimate": f"{device.type}-device run with live-tensor bytes and FLOP counts (no GPU): see bench/estimate.py",
         "settings": {**asdict(config), "closs": settings.use_closs},
         "unet_parameters": sum(p.numel() for p in components.unet.parameters()),
         "weights_bytes": weights,
         "reference_recording_bytes": recording_bytes,
-        "stages": {name: {**asdict(stage), "edit_tflop": round(stage.edit_flop / 1e12, 3)}
+        "stages": {name: {**asdict(stage), "edit_tflop": round(stage.edit_flop / 1e12, 3),
+                          "edit_tflop_most": round(stage.edit_flop_most / 1e12, 3)}
                    for name, stage in stages.items()},
         "peak_bytes": peak,
         "peak_gib": round(peak / GIB, 3),
         "peak_stage": peak_stage,
         "target_gib": TARGETS["peak_memory_gib"],
         "meets_target": peak <= TARGETS["peak_memory_gib"] * GIB,
-        # The auto mask is its own node, before the edit: not part of the edit's compute.
-        "first_edit_tflop": round(sum(stage.edit_flop for name, stage in stages.items() if name != "sam2_features")
-                                  / 1e12, 3),
-        "re_drag_tflop": round(sum(stages[name].edit_flop for name in re_drag) / 1e12, 3),
+        "first_edit_tflop": _tflop(stage.edit_flop for stage in edit),
+        "first_edit_tflop_most": _tflop(stage.edit_flop_most for stage in edit),
+        "re_drag_tflop": _tflop(stage.edit_flop for stage in re_drag),
+        "re_drag_tflop_most": _tflop(stage.edit_flop_most for stage in re_drag),
+        "first_edit_launches": sum(stage.launches_per_step * stage.edit_steps for stage in edit),
+        "first_edit_launches_most": sum(stage.launches_per_step * stage.edit_steps_most for stage in edit),
+        "re_drag_launches": sum(stage.launches_per_step * stage.edit_steps for stage in re_drag),
+        "re_drag_launches_most": sum(stage.launches_per_step * stage.edit_steps_most for stage in re_drag),
+        "unet_forward_launches": forward_launches,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _tflop(flops) -> float:
+    return round(sum(flops) / 1e12, 3)
 
 
 def _sam2_features(sam2: Sam2Encoder, meter: StageMeter) -> None:
@@ -309,9 +455,9 @@ def _sam2_features(sam2: Sam2Encoder, meter: StageMeter) -> None:
 
 
 def _edit_stages(components: SDComponents, config: EstimateConfig, settings: EditSettings, meter: StageMeter,
-                 device: torch.device) -> int:
+                 device: torch.device) -> tuple[int, dict]:
     """Run the stages in the pipeline's order, keeping alive what the pipeline keeps; returns the size of the
-    reference recording."""
+    reference recording and the LoRA."""
     meter.counter.reset_peak()
     pixels = torch.zeros(1, 3, config.size, config.size, device=device)
     clean = components.vae.encode(pixels).latent_dist.mean * components.latent_scale
@@ -323,48 +469,85 @@ def _edit_stages(components: SDComponents, config: EstimateConfig, settings: Edi
         latents, context = training_batch(components.unet, clean, text_embeddings, settings.lora_batch_size)
         with lora_in_training(components.unet, settings.lora_rank, settings.seed,
                               settings.lora_gradient_checkpointing) as (layers, parameters):
-            fit_noise(components.unet, latents, context, parameters, LORA_STEPS_RUN, settings.lora_lr, settings.seed)
+            # The noise of every step is drawn up front, as the pipeline does; two steps run.
+            fitting = NoiseFitting(components.unet, latents, context, parameters, settings.lora_steps,
+                                   settings.lora_lr, settings.seed)
+            for index in range(LORA_STEPS_RUN):
+                fitting.load(index)
+                fitting.step()
             lora = lora_weights(layers, device)
-        del latents, context, layers, parameters
+        del latents, context, layers, parameters, fitting
     meter.lap("lora", LORA_STEPS_RUN, settings.lora_steps)
 
     schedule = make_schedule(components.make_scheduler(), settings.num_steps, settings.strength)
     steps = len(schedule.timesteps)
+    graphs = StepGraphs(device)  # the steps as the pipeline runs them; nothing is captured off CUDA
     with identity_lora(components.unet, lora):
-        meter.lap("lora_merge")  # once per edit; the merged weights stay alive through sampling
-        inverted = ddim_invert(unet_noise_fn(components.unet, text_embeddings), clean, schedule)
+        # The estimate merges once and keeps the merged weights alive through sampling; the pipeline's stages each
+        # merge for themselves, which the totals count.
+        meter.lap("lora_merge", 1, LORA_MERGES["first_edit"])
+        inverted = ddim_invert(NoiseStep(unet_noise_fn(components.unet, text_embeddings), graphs, "inversion"),
+                               clean, schedule)
         meter.lap("inversion", steps, steps)
         reference = record_reference(components.unet, text_embeddings, schedule, inverted,
                                      settings.reference_start_layer, settings.reference_start_step)
         meter.lap("reference", steps, steps)
-        dragged = _one_drag_step(components.unet, text_embeddings, schedule, inverted, config, settings, meter)
+        dragged = _drag_stages(components.unet, text_embeddings, schedule, inverted, config, settings, meter)
         middle = (config.size / VAE_DOWNSCALE / 2,) * 2
         edited = sample_dragged(components.unet, text_embeddings, schedule, dragged, reference,
                                 settings.reference_start_layer, settings.reference_start_step,
                                 closs=settings.closs_settings(), original_latent=clean,
-                                handles=[middle], targets=[(middle[0] + 1, middle[1])])
+                                handles=[middle], targets=[(middle[0] + 1, middle[1])], graphs=graphs)
         meter.lap("sampling", steps, steps)
     components.vae.decode(edited.float() / components.latent_scale)
     meter.lap("vae_decode")
-    return reference.recording.nbytes()
+    return reference.recording.nbytes(), lora
 
 
-def _one_drag_step(unet, text_embeddings, schedule, inverted, config: EstimateConfig, settings: EditSettings,
-                   meter: StageMeter) -> torch.Tensor:
-    """The drag's starting features, then one optimisation step (see the module docstring)."""
+def _drag_stages(unet, text_embeddings, schedule, inverted, config: EstimateConfig, settings: EditSettings,
+                 meter: StageMeter) -> torch.Tensor:
+    """The drag's starting features, one optimisation step, and one evaluation that ends a drag (see the module
+    docstring)."""
     feature_size = feature_grid_size(config.size, config.size, settings.feature_scale)
     feature_fn = make_feature_fn(unet, text_embeddings, schedule, feature_size, settings.feature_block,
                                  with_prediction=config.mask)
-    with torch.no_grad():  # drag() keeps the starting features (and x_{t-1}) for the whole drag
-        start_features, start_prediction = split_features(feature_fn(inverted), inverted)
+    compact = compact_drag_start(feature_fn, inverted)  # the pipeline keeps it, for re-drags
+    start = drag_start_from(feature_fn, compact, inverted)  # drag() keeps the resized features and x_{t-1}
     meter.lap("drag_start")
     optimizer = LatentAdam(inverted, lr=0.01, compute_dtype=next(unet.parameters()).dtype)  # as drag_on_features
     with torch.enable_grad():
         features, prediction = split_features(feature_fn(optimizer.latent), optimizer.latent)
-        loss = (features - start_features).abs().mean()
+        loss = (features - start.features).abs().mean()
         if config.mask:
-            loss = loss + (prediction - start_prediction).abs().sum()
+            loss = loss + (prediction - start.prediction).abs().sum()
         optimizer.step(loss)
         del features, prediction, loss  # as the drag loops do: the graph kept for a loss-scaling retry goes
-    meter.lap("drag", 1, config.drag_steps)
+    meter.lap("drag", 1, config.drag_steps, config.drag_max_steps)
+    with torch.no_grad():
+        feature_fn.features_only(optimizer.latent)
+    fewest, most = config.drag_evaluations()
+    meter.lap("drag_end", 1, fewest, most)
     return optimizer.latent.detach()
+
+
+def unet_forward_launches(components: SDComponents, config: EstimateConfig, settings: EditSettings, lora: dict,
+                          device: torch.device) -> dict:
+    """Kernel-running operators of one UNet forward pass (batch 1, no gradient): plain, with the identity LoRA
+    merged into the weights (:func:`identity_lora`), and with peft's unmerged LoRA layers (as while training)."""
+    unet = components.unet
+    dtype = next(unet.parameters()).dtype
+    latent = torch.zeros(1, 4, config.size // VAE_DOWNSCALE, config.size // VAE_DOWNSCALE, device=device, dtype=dtype)
+    context = torch.zeros(1, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    timestep = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def count() -> int:
+        with torch.no_grad(), LaunchCounter() as counter:
+            unet(latent, timestep, encoder_hidden_states=context)
+        return counter.launches
+
+    plain = count()
+    with identity_lora(unet, lora):
+        merged = count()
+    with torch.inference_mode(False), lora_in_training(unet, settings.lora_rank, settings.seed):
+        unmerged = count()
+    return {"plain": plain, "merged_identity_lora": merged, "unmerged_peft_lora": unmerged}

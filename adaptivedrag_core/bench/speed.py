@@ -10,7 +10,11 @@ What is measured, in a warm process (a whole warm-up edit runs first and is repo
 - a **first edit**: "prepare" (VAE encode and prompt), identity LoRA, DDIM inversion, the reference branch, the
   drag optimisation, sampling (with CLoss for the adaptive method) and the VAE decode, each stage through the
   pipeline's own stage methods; sampling is also run with CLoss switched the other way, reported apart;
-- a **re-drag** on the same pipeline, which reuses the LoRA, the inversion and the reference.
+- a **re-drag** on the same pipeline, which reuses the VAE encode, the prompt, the LoRA, the inversion, the
+  reference and the drag's starting features (only the drag and the sampling run, and the decode).
+
+With ``cuda_graphs`` (on by default on CUDA) the repeated steps replay CUDA graphs, captured in each stage's first
+steps: that capture is part of the stage's time. Steps whose capture failed are listed in ``cuda_graph_failures``.
 
 The drag runs a fixed number of steps, so runs compare: AdaptiveDrag's budget is pinned (``n_max = n_steps``)
 and the drag goes from near one corner of the image to near the opposite one, farther than the handles can
@@ -39,6 +43,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
+from ..graphs import use_cuda_graphs
 from ..images import prepare_image
 from ..models import SDComponents
 from ..pipeline import (
@@ -79,6 +84,7 @@ class SpeedConfig:
             fallback instead.
         seed: seeds the random models and the LoRA.
         lora_gradient_checkpointing: as :class:`EditSettings` (None: by the device).
+        cuda_graphs: as :class:`EditSettings` (None: on for CUDA; never on the CPU).
     """
 
     device: str = "cpu"
@@ -93,6 +99,7 @@ class SpeedConfig:
     sam2_size: Optional[str] = None
     seed: int = 0
     lora_gradient_checkpointing: Optional[bool] = None
+    cuda_graphs: Optional[bool] = None
 
     def __post_init__(self):
         on_cuda = self.device == "cuda"
@@ -115,7 +122,8 @@ class SpeedConfig:
             drag_options["n_max"] = self.drag_steps  # a pinned budget, so every run takes the same steps
         return EditSettings(method=self.method, seed=self.seed, work_size=self.size, lora_steps=self.lora_steps,
                             num_steps=self.num_steps, strength=self.strength, drag_options=drag_options,
-                            lora_gradient_checkpointing=self.lora_gradient_checkpointing)
+                            lora_gradient_checkpointing=self.lora_gradient_checkpointing,
+                            cuda_graphs=self.cuda_graphs)
 
 
 def check_bench_edit(config, counts: tuple) -> None:
@@ -282,6 +290,9 @@ def run_speed_benchmark(config: SpeedConfig, components: Optional[SDComponents] 
         "warmup_overhead_s": round(warmup["first_edit_s"] - statistics.median(run["first_edit_s"] for run in runs), 4),
         "first_edit_peak_memory_bytes": max(run["first_edit_peak_memory_bytes"] for run in runs),
         "lora_gradient_checkpointing": lora_checkpointing(settings.lora_gradient_checkpointing, device),
+        "cuda_graphs": use_cuda_graphs(settings.cuda_graphs, device),
+        "cuda_graph_failures": {name: reason for run in (warmup, *runs)
+                                for name, reason in run["cuda_graph_failures"].items()},
         "drag_steps_requested": config.drag_steps,
         "drag_steps_run": min(run["stages"]["drag"].steps for run in runs),
         "notes": notes(config, device),
@@ -311,6 +322,7 @@ def timed_edit(components, encoder, image, points: DragPoints, settings: EditSet
         "first_edit_s": round(sum(stage.wall_s for stage in first_edit.values()), 4),
         "re_drag_s": round(sum(stage.wall_s for stage in re_drag.values()), 4),
         "first_edit_peak_memory_bytes": max(stage.peak_memory_bytes for stage in first_edit.values()),
+        "cuda_graph_failures": pipeline.graph_failures,
     }
 
 

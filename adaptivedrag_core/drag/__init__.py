@@ -11,7 +11,7 @@ from ..errors import InputError
 from ..progress import ProgressFn
 from .adaptive import AdaptiveOptions, run_adaptive
 from .closs import correspondence_loss
-from .common import DragResult, EmptyMaskWarning, FeatureFn, parse_options, prepare_problem
+from .common import DragResult, DragStart, EmptyMaskWarning, FeatureFn, drag_start, parse_options, prepare_problem
 from .dragdiffusion import DragDiffusionOptions, run_dragdiffusion
 from .freedrag import FreeDragOptions, run_freedrag
 
@@ -33,6 +33,7 @@ def drag(
     regions=None,
     progress: ProgressFn = None,
     compute_dtype: Optional[torch.dtype] = None,
+    start: Optional[DragStart] = None,
     **options,
 ) -> DragResult:
     """Optimise ``latent`` so the content at each handle moves to its target.
@@ -52,6 +53,8 @@ def drag(
             propagates. For "adaptive" ``total`` may grow during the run.
         compute_dtype: the dtype feature_fn's network computes in (default: the latent's). float16 turns on
             dynamic loss scaling of the backward passes (:class:`.common.LossScaler`), as a float16 UNet needs.
+        start: the starting features and prediction (:func:`drag_start` of the same latent and feature_fn), e.g.
+            kept from an earlier drag of the same latent; None computes them (one feature_fn call).
         **options: the method's hyper-parameters, defaults from the papers: see :class:`DragDiffusionOptions`,
             :class:`FreeDragOptions`, :class:`AdaptiveOptions`.
     Returns:
@@ -68,7 +71,7 @@ def drag(
     options_class, run = METHODS[method]
     parsed = parse_options(options_class, options, method)
     with torch.inference_mode(False), torch.enable_grad():
-        problem = prepare_problem(latent, feature_fn, handles, targets, mask, regions, compute_dtype)
+        problem = prepare_problem(latent, feature_fn, handles, targets, mask, regions, compute_dtype, start)
         return run(problem, parsed, progress)
 
 
@@ -76,9 +79,11 @@ __all__ = [
     "AdaptiveOptions",
     "DragDiffusionOptions",
     "DragResult",
+    "DragStart",
     "EmptyMaskWarning",
     "FreeDragOptions",
     "METHODS",
     "correspondence_loss",
     "drag",
+    "drag_start",
 ]

@@ -138,6 +138,9 @@ class PositionSupervisedPolicy(StepPolicy):
             self.extensions += 1
         return kept
 
+    def spent(self, steps: int) -> bool:
+        return steps >= self.n_max  # below n_max, tracking may still grow the budget
+
     def info(self) -> dict:
         return {"budget": self.total, "extensions": self.extensions, "rejected_moves": self.rejected_moves}
 

@@ -122,9 +122,44 @@ class DragProblem:
         """(H, W) of the feature map."""
         return self.features0.shape[-2], self.features0.shape[-1]
 
-    def evaluate(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (float32) and mask-term quantity (prediction, or the latent) at ``latent``."""
-        return split_features(self.feature_fn(latent.to(self.dtype)), latent)
+    def evaluate(self, latent: torch.Tensor, features_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (float32) and mask-term quantity (prediction, or the latent) at ``latent``.
+
+        With ``features_only`` (an evaluation no optimisation step follows) it runs without autograd and through
+        the feature function's ``features_only`` when it has one (the UNet then stops after the feature block);
+        the second value is then the latent.
+        """
+        if not features_only:
+            return split_features(self.feature_fn(latent.to(self.dtype)), latent)
+        only = getattr(self.feature_fn, "features_only", None)
+        with torch.no_grad():
+            output = (only or self.feature_fn)(latent.to(self.dtype))
+        features = split_features(output, latent)[0]
+        return features, latent
+
+
+@dataclass
+class DragStart:
+    """The feature function's output at the starting latent, which the whole drag compares against.
+
+    A caller that drags the same latent again (another pair of points) can keep it and pass it to
+    :func:`adaptivedrag_core.drag.drag` instead of paying for the feature function once more.
+
+    Args:
+        features: features of the starting latent [1,D,H,W], float32.
+        prediction: the mask-term quantity at the starting latent (the prediction, or the latent itself), float32.
+    """
+
+    features: torch.Tensor
+    prediction: torch.Tensor
+
+
+def drag_start(latent: torch.Tensor, feature_fn: FeatureFn) -> DragStart:
+    """The starting features and prediction of ``latent``: one feature_fn call, without autograd."""
+    start = latent.detach().clone().float()
+    with torch.no_grad():
+        features, prediction = split_features(feature_fn(start.to(latent.dtype)), start)
+    return DragStart(features.detach(), prediction.detach())
 
 
 def split_features(output, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +212,9 @@ def _map_tensor(value, name: str, size: tuple[int, int], dtype, device) -> Optio
 
 
 def prepare_problem(latent, feature_fn: FeatureFn, handles, targets, mask=None, regions=None,
-                    compute_dtype: Optional[torch.dtype] = None) -> DragProblem:
-    """Check the inputs of :func:`drag` and compute the starting features (one feature_fn call).
+                    compute_dtype: Optional[torch.dtype] = None, start: Optional[DragStart] = None) -> DragProblem:
+    """Check the inputs of :func:`drag` and compute the starting features (one feature_fn call), unless ``start``
+    gives them (:func:`drag_start`).
 
     An empty mask is dropped (:func:`usable_mask`); ``compute_dtype`` defaults to the latent's dtype."""
     if not isinstance(latent, torch.Tensor) or latent.dim() != 4 or latent.shape[0] != 1:
@@ -192,14 +228,16 @@ def prepare_problem(latent, feature_fn: FeatureFn, handles, targets, mask=None, 
         raise InputError(f"got {len(handle_points)} handles but {len(target_points)} targets; they must pair up")
     if len(handle_points) == 0:
         raise InputError("at least one handle/target pair is needed")
-    start = latent.detach().clone().float()
-    with torch.no_grad():
-        features0, prediction0 = split_features(feature_fn(start.to(latent.dtype)), start)
+    if start is None:
+        start = drag_start(latent, feature_fn)
+    elif not isinstance(start, DragStart):
+        raise InputError(f"start must be a DragStart, got {type(start).__name__}")
+    features0, prediction0 = split_features((start.features, start.prediction), latent.detach().float())
     size = (features0.shape[-2], features0.shape[-1])
     _check_inside(handle_points, "handles", *size)
     _check_inside(target_points, "targets", *size)
     return DragProblem(
-        latent=start,
+        latent=latent.detach().clone().float(),
         dtype=latent.dtype,
         compute_dtype=compute_dtype or latent.dtype,
         feature_fn=feature_fn,
@@ -221,8 +259,10 @@ def sample_features(features: torch.Tensor, points: torch.Tensor) -> torch.Tenso
     Points outside the map take the nearest border value.
     """
     height, width = features.shape[-2:]
-    scale = torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], device=points.device)
-    grid = (points.reshape(1, 1, -1, 2) * scale - 1.0).to(features.dtype)
+    # Scaled by Python numbers: a tensor made from them would be a copy to the device, and a wait, at every call.
+    scaled = torch.stack([points[..., 0] * (2.0 / max(width - 1, 1)), points[..., 1] * (2.0 / max(height - 1, 1))],
+                         dim=-1)
+    grid = (scaled.reshape(1, 1, -1, 2) - 1.0).to(features.dtype)
     sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=True)
     return sampled[0, :, 0].transpose(0, 1).reshape(*points.shape[:-1], features.shape[1])
 
@@ -478,8 +518,9 @@ class LossScaler:
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    # A meta tensor (bench estimate) has no values to check.
-    return tensor.device.type == "meta" or bool(torch.isfinite(tensor).all())
+    finite = torch.isfinite(tensor).all()  # computed on meta too, so bench estimate counts the check's kernels
+    # A meta tensor (bench estimate) has no values to read back.
+    return tensor.device.type == "meta" or bool(finite)
 
 
 class LatentAdam:

@@ -68,6 +68,10 @@ class StepPolicy:
         """The handles to continue from, given the previous ones and the newly tracked ones."""
         return tracked
 
+    def spent(self, steps: int) -> bool:
+        """No step can follow after ``steps`` steps, whatever tracking finds (the budget cannot grow)."""
+        return steps >= self.total
+
     def info(self) -> dict:
         return {}
 
@@ -82,7 +86,8 @@ def point_drag_loop(problem: DragProblem, geometry: PatchGeometry, policy: StepP
     history = [handles]
     steps = 0
     while True:
-        features, prediction = problem.evaluate(optimizer.latent)
+        # Once the budget is spent, this evaluation only feeds the last tracking: no gradient, features alone.
+        features, prediction = problem.evaluate(optimizer.latent, features_only=policy.spent(steps))
         if steps > 0:
             active = ~arrived(handles, problem.targets)
             tracked = track_points(features.detach(), reference, handles, geometry)

@@ -186,13 +186,15 @@ def drag_to(problem: DragProblem, optimizer: LatentAdam, penalty: MaskPenalty, c
     """
     drag_step = 0
     while True:
-        features, prediction = problem.evaluate(optimizer.latent)
+        # The evaluation that ends a drag by its step limits needs no gradient, and only the features.
+        end = drag_step == options.max_drag_steps or steps >= options.max_steps
+        features, prediction = problem.evaluate(optimizer.latent, features_only=end)
         features = features / unit
         losses = patch_distance(features, current[:, None, :], templates, offsets)[:, 0]
         if drag_step == 0:
             loss_in = losses.detach()
         close_enough = drag_step > 0 and losses.max() <= 0.5 * options.l
-        if drag_step == options.max_drag_steps or close_enough or steps >= options.max_steps:
+        if end or close_enough:
             return loss_in, losses.detach(), features.detach(), steps
         optimizer.step(losses.sum() + options.gamma * penalty.mean(prediction))
         del features, prediction, losses  # frees the graph, kept for a loss-scaling retry, before the next forward
