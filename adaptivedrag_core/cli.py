@@ -118,36 +118,30 @@ def add_edit_parser(subparsers) -> None:
     p.set_defaults(run=run_edit)
 
 
+def add_auto_on_off_argument(parser, flag: str, help: str) -> None:
+    """``flag auto|on|off`` (default auto); read the value with :func:`auto_on_off`."""
+    from .pipeline import AUTO_ON_OFF
+
+    parser.add_argument(flag, choices=tuple(AUTO_ON_OFF), default="auto", help=help)
+
+
+def auto_on_off(value: str):
+    """The setting (None = auto) for an ``auto|on|off`` argument's value."""
+    from .pipeline import AUTO_ON_OFF
+
+    return AUTO_ON_OFF[value]
+
+
 def add_checkpointing_argument(parser) -> None:
-    """``--lora-gradient-checkpointing auto|on|off``; read it with :func:`checkpointing_choice`."""
-    from .pipeline import CHECKPOINTING_CHOICES
-
-    parser.add_argument("--lora-gradient-checkpointing", choices=tuple(CHECKPOINTING_CHOICES), default="auto",
-                        help="train the identity LoRA with gradient checkpointing: half the GPU memory, a third more "
-                             "computation (default auto: on for GPUs under 11 GiB)")
-
-
-def checkpointing_choice(args):
-    """The ``lora_gradient_checkpointing`` setting (None = auto) from the parsed arguments."""
-    from .pipeline import CHECKPOINTING_CHOICES
-
-    return CHECKPOINTING_CHOICES[args.lora_gradient_checkpointing]
+    add_auto_on_off_argument(parser, "--lora-gradient-checkpointing",
+                             "train the identity LoRA with gradient checkpointing: half the GPU memory, a third "
+                             "more computation (default auto: on for GPUs under 11 GiB)")
 
 
 def add_graphs_argument(parser) -> None:
-    """``--cuda-graphs auto|on|off``; read it with :func:`graphs_choice`."""
-    from .graphs import GRAPH_CHOICES
-
-    parser.add_argument("--cuda-graphs", choices=tuple(GRAPH_CHOICES), default="auto",
-                        help="replay the repeated steps from CUDA graphs: the same result, faster (default auto: on "
-                             "with --device cuda; never on the CPU)")
-
-
-def graphs_choice(args):
-    """The ``cuda_graphs`` setting (None = auto) from the parsed arguments."""
-    from .graphs import GRAPH_CHOICES
-
-    return GRAPH_CHOICES[args.cuda_graphs]
+    add_auto_on_off_argument(parser, "--cuda-graphs",
+                             "replay the repeated steps from CUDA graphs: the same result, faster (default auto: "
+                             "on with --device cuda; never on the CPU)")
 
 
 def preview_path(out: Path) -> Path:
@@ -239,7 +233,8 @@ def _settings(args):
     settings = EditSettings(method=args.method, prompt=args.prompt, seed=args.seed, auto_mask=False, closs=args.closs,
                             closs_kind=args.closs_kind, closs_weight=args.closs_weight,
                             num_steps=args.ddim_steps, strength=args.strength, guidance_scale=args.guidance_scale,
-                            lora_gradient_checkpointing=checkpointing_choice(args), cuda_graphs=graphs_choice(args))
+                            lora_gradient_checkpointing=auto_on_off(args.lora_gradient_checkpointing),
+                            cuda_graphs=auto_on_off(args.cuda_graphs))
     drag_steps = args.drag_steps
     if args.demo:
         from .scene_model import scene_model_info

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import add_checkpointing_argument, add_graphs_argument, checkpointing_choice, graphs_choice
+from .cli import add_checkpointing_argument, add_graphs_argument, auto_on_off
 from .errors import InputError
 from .pipeline import METHODS
 
@@ -79,7 +79,8 @@ def run_speed(args) -> int:
     config = SpeedConfig(device=args.device, size=args.size, method=args.method, drag_steps=args.drag_steps,
                          lora_steps=args.lora_steps, num_steps=args.ddim_steps, strength=args.strength,
                          repeat=args.repeat, models=args.models, sam2_size=args.sam2_size, seed=args.seed,
-                         lora_gradient_checkpointing=checkpointing_choice(args), cuda_graphs=graphs_choice(args))
+                         lora_gradient_checkpointing=auto_on_off(args.lora_gradient_checkpointing),
+                         cuda_graphs=auto_on_off(args.cuda_graphs))
     out = _report_path(args.out)
     _print_report(run_speed_benchmark(config, log=lambda line: print(line, file=sys.stderr)), out)
     return 0
@@ -215,7 +216,8 @@ def run_dragbench_command(args) -> int:
 def _dragbench_settings(args):
     from .pipeline import EditSettings, step_budget
 
-    settings = EditSettings(method=args.method, seed=args.seed, lora_gradient_checkpointing=checkpointing_choice(args))
+    settings = EditSettings(method=args.method, seed=args.seed,
+                            lora_gradient_checkpointing=auto_on_off(args.lora_gradient_checkpointing))
     for name, value in (("lora_steps", args.lora_steps), ("work_size", args.work_size),
                         ("num_steps", args.ddim_steps)):
         if value is not None:

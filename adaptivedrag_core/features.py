@@ -148,18 +148,7 @@ def make_feature_fn(
     block_index: int = 2,
     with_prediction: bool = True,
 ) -> UNetFeatures:
-    """Build ``feature_fn(latent)`` for :func:`adaptivedrag_core.drag.drag` at the inverted timestep.
-
-    Args:
-        unet: the UNet (with the identity LoRA active while the function is used).
-        text_embeddings: [1, 77, D] conditioning.
-        schedule: the edit's DDIM schedule; features are taken at ``schedule.start_timestep``.
-        feature_size: (width, height) of the feature map handed to the optimiser.
-        block_index: which ``unet.up_blocks`` output to use (2 in DragDiffusion).
-        with_prediction: also return x_{t-1} for the mask term (runs the whole UNet).
-
-    Returns:
-        A :class:`UNetFeatures`: ``latent -> features [1, D, H, W]`` or ``latent -> (features, x_{t-1})``; its
-        ``features_only(latent)`` stops after the feature block in either case.
-    """
+    """Build ``feature_fn(latent)`` for :func:`adaptivedrag_core.drag.drag` at the inverted timestep: a
+    :class:`UNetFeatures` (its docstring lists the arguments); its ``features_only(latent)`` stops after the
+    feature block whatever ``with_prediction`` says."""
     return UNetFeatures(unet, text_embeddings, schedule, feature_size, block_index, with_prediction)

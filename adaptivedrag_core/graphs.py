@@ -29,9 +29,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: The user-facing choices (CLI, benchmark) for the ``cuda_graphs`` setting.
-GRAPH_CHOICES = {"auto": None, "on": True, "off": False}
-
 _POOLS: dict = {}
 #: Only this thread's CUDA calls matter to a capture: ComfyUI's other threads may use the GPU meanwhile.
 CAPTURE_ERROR_MODE = "thread_local"

@@ -156,7 +156,8 @@ def tiny_clip_tokenizer():
             json.dumps({token: i for i, token in enumerate(vocab_tokens)}), encoding="utf-8"
         )
         Path(folder, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token="<|endoftext|>", model_max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token="<|endoftext|>", model_max_length=77,
+                                                  local_files_only=True)
     return tokenizer
 
 

@@ -200,8 +200,9 @@ def drag_on_features(unet, text_embeddings, schedule: DDIMSchedule, inverted_lat
 #: unless told otherwise: without it the LoRA step at 512 px is the edit's peak, about 5.3 GiB, and ComfyUI keeps
 #: its own models beside it (docs/performance.md, "Memory and compute without a GPU").
 CHECKPOINTING_BELOW_BYTES = 11 * 2**30
-#: The user-facing choices (CLI, node) for ``lora_gradient_checkpointing``.
-CHECKPOINTING_CHOICES = {"auto": None, "on": True, "off": False}
+#: The user-facing choices (CLI, node) of the on/off/auto settings (``lora_gradient_checkpointing``,
+#: ``cuda_graphs``, ...): None means "decide by the device".
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 
 def lora_checkpointing(setting: Optional[bool], device) -> bool:

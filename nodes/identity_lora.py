@@ -14,7 +14,7 @@ import torch
 
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.lora import load_lora, save_lora, train_identity_lora
-from adaptivedrag_core.pipeline import CHECKPOINTING_CHOICES, EditSettings, lora_checkpointing
+from adaptivedrag_core.pipeline import AUTO_ON_OFF, EditSettings, lora_checkpointing
 
 from .bridge import (CoreModel, bridged_model, check_text_width, latent_samples, ordinary, scaled_latent,
                      text_embeddings)
@@ -46,7 +46,7 @@ def train_lora(model, latent: dict, positive: list, steps: int = 80, rank: int =
         The LoRA weights (a state dict of CPU tensors; the given MODEL is not changed).
     """
     EditSettings(lora_steps=steps, lora_rank=rank, lora_lr=lr, lora_batch_size=batch_size, seed=seed).validate()
-    checkpointing = lora_checkpointing(CHECKPOINTING_CHOICES[gradient_checkpointing or "auto"], torch_device())
+    checkpointing = lora_checkpointing(AUTO_ON_OFF[gradient_checkpointing or "auto"], torch_device())
     embeddings = text_embeddings(positive)
     stage = "lora_checkpointed" if checkpointing else "lora"
     with bridged_model(model, trainable=True, stage=stage, latent=latent_samples(latent)) as core:
@@ -132,7 +132,7 @@ SPEC = NodeSpec(
                   "randomised after each run, so the LoRA stays cached.", default=0, min=0, max=2**32 - 1),
         InputSpec("gradient_checkpointing", "COMBO", "Recompute activations in the backward pass: the same LoRA "
                   "with about 2 GiB less GPU memory at 512 px, for a third more computation. auto: on for GPUs "
-                  "under 11 GiB.", default="auto", options=tuple(CHECKPOINTING_CHOICES), optional=True),
+                  "under 11 GiB.", default="auto", options=tuple(AUTO_ON_OFF), optional=True),
         InputSpec("keep_on_disk", "BOOLEAN", "Keep the LoRA in ComfyUI/user/adaptivedrag/lora_cache (the last "
                   f"{LORA_CACHE_FILES}, by image, model, prompt and settings), so a restart does not retrain it.",
                   default=True, optional=True),
