@@ -11,7 +11,6 @@ import argparse
 import sys
 import warnings
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 
 from .errors import InputError
@@ -148,19 +147,15 @@ def preview_path(out: Path) -> Path:
     return out.with_name(out.stem + "_preview.png")
 
 
-def demo_image_path() -> Path:
-    return Path(str(resources.files("adaptivedrag_core") / "assets" / "sample.png"))
-
-
 def run_edit(args) -> int:
     """The ``edit`` command. Every check that needs no model (outputs, cache folder, settings, image, points,
     mask, a given LoRA) runs first, so bad input costs no model loading and no training."""
     from .cache import CacheWarning, DiskCache
-    from .images import load_image
+    from .images import load_image, sample_image_path
     from .points import DragPoints
 
     if args.demo:
-        args.image = args.image or str(demo_image_path())
+        args.image = args.image or str(sample_image_path())
         args.drag = args.drag or [DEMO_DRAG]
         args.out = args.out or "demo.png"
     if not args.image:

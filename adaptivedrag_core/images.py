@@ -18,6 +18,7 @@ Points are mapped to the working copy with ``DragPoints.rescaled`` and masks/lab
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,12 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import InputError
+
+
+def sample_image_path() -> Path:
+    """The bundled sample picture (the demo's input, and the benchmarks')."""
+    return Path(str(resources.files("adaptivedrag_core") / "assets" / "sample.png"))
+
 
 #: The value of white in each grayscale mode. 16-bit files (and 32-bit integer images, which Pillow also gives
 #: for them) span 0..65535; float images use Pillow's own 0..255 scale.

@@ -14,6 +14,8 @@ ComfyUI runs nodes under ``torch.inference_mode()``; tensors handed to the core 
 
 from __future__ import annotations
 
+import functools
+
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,6 +125,7 @@ def check_epsilon_sampling(sampling) -> None:
                          "ModelSampling node): AdaptiveDrag inverts and samples on SD1.5's schedule")
 
 
+@functools.lru_cache(maxsize=1)  # checked on every bridged node run; never modified (callers only compare)
 def sd15_sigmas() -> torch.Tensor:
     """SD1.5's 1000 training noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), float64."""
     from diffusers import DDIMScheduler

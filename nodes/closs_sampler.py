@@ -12,7 +12,7 @@ from adaptivedrag_core.pipeline import EditSettings
 from adaptivedrag_core.preview import side_by_side
 from adaptivedrag_core.sampling import CLossSettings, record_reference, sample_dragged
 
-from .bridge import bridged_model, comfy_image, comfy_latent, display_factor, image_array, vae_decode
+from .bridge import bridged_model, comfy_image, comfy_latent, for_display, image_array, vae_decode
 from .ddim_inversion import InvertedLatent, lora_context
 from .runtime import node_progress, part_progress, release_memory
 from .semantic_drag import DraggedLatent, handle_ends
@@ -97,9 +97,7 @@ def preview_image(vae, inversion: InvertedLatent, dragged: DraggedLatent, result
         original = inversion.working_copy.original
     else:
         original = vae_decode(vae, inversion.clean_latent / latent_scale)
-    factor = display_factor(result.shape[2])
-    shown = [to_pil(image).resize((image.shape[2] * factor, image.shape[1] * factor), Image.NEAREST)
-             for image in (original, result)]
+    shown = [to_pil(for_display(image)) for image in (original, result)]
     sheet = side_by_side(*shown, dragged.points, dragged.final_handles)
     return comfy_image(np.asarray(sheet))
 

@@ -26,12 +26,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from sam2_reference import reference_features, reference_model  # noqa: E402
 
 from adaptivedrag_core.automask import auto_mask  # noqa: E402
+from adaptivedrag_core.images import sample_image_path  # noqa: E402
 from adaptivedrag_core.points import DragPoints  # noqa: E402
 from adaptivedrag_core.sam2_generator import build_package_model  # noqa: E402
 from adaptivedrag_core.sam2_loader import Sam2Spec, load_sam2  # noqa: E402
-
-SAMPLE = ROOT / "adaptivedrag_core" / "assets" / "sample.png"
-
 
 class PackageEncoder:
     """The path before: Meta's model from the sam2 package, features from SAM2's image predictor."""
@@ -78,7 +76,7 @@ def compare_paths(size: str, repeat: int) -> dict:
     _, package_import_cpu, _ = timed(lambda: import_modules(["hydra.utils", "sam2.sam2_image_predictor"]))
     _, transformers_import_cpu, _ = timed(lambda: import_modules(["transformers.models.sam2.modeling_sam2"]))
     spec = Sam2Spec("2.1", size)
-    image = np.asarray(Image.open(SAMPLE).convert("RGB"))
+    image = np.asarray(Image.open(sample_image_path()).convert("RGB"))
     points = DragPoints.from_pairs(["150,152:190,140"], image.shape[1], image.shape[0])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"sam2.1_hiera_{size}.pt"
@@ -90,7 +88,7 @@ def compare_paths(size: str, repeat: int) -> dict:
     difference = (encoder.features(image) - PackageEncoder(package).features(image)).abs().max().item()
     return {
         "model": str(spec),
-        "image": f"{SAMPLE.name} {image.shape[1]}x{image.shape[0]}",
+        "image": f"{sample_image_path().name} {image.shape[1]}x{image.shape[0]}",
         "torch_threads": torch.get_num_threads(),
         "before_sam2_package": {"import_cpu_s": round(package_import_cpu, 2), "load_cpu_s": round(package_load_cpu, 2),
                                 **before},

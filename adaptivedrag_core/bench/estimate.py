@@ -126,18 +126,6 @@ def launches_kernel(func) -> bool:
     return not func.is_view and func not in _NO_KERNEL
 
 
-class LaunchCounter(TorchDispatchMode):
-    """Counts the operators that run a kernel (:func:`launches_kernel`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.launches = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.launches += launches_kernel(func)
-        return func(*args, **(kwargs or {}))
-
-
 class CostCounter(TorchDispatchMode):
     """Counts the bytes of tensor storages alive (and their peak since the last :meth:`reset_peak`), and the
     FLOPs of the operators run.
@@ -541,7 +529,7 @@ def unet_forward_launches(components: SDComponents, config: EstimateConfig, sett
     timestep = torch.zeros(1, dtype=torch.int64, device=device)
 
     def count() -> int:
-        with torch.no_grad(), LaunchCounter() as counter:
+        with torch.no_grad(), CostCounter() as counter:
             unet(latent, timestep, encoder_hidden_states=context)
         return counter.launches
 

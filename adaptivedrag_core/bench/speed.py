@@ -231,9 +231,9 @@ def build_sd_components(config: SpeedConfig) -> SDComponents:
 
 def benchmark_image(size: int) -> Image.Image:
     """The bundled sample photo at ``size`` x ``size`` (a real picture, so SLIC and SAM2 see real structure)."""
-    from ..cli import demo_image_path
+    from ..images import sample_image_path
 
-    with Image.open(demo_image_path()) as image:
+    with Image.open(sample_image_path()) as image:
         return image.convert("RGB").resize((size, size), Image.LANCZOS)
 
 
