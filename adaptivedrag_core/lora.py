@@ -3,9 +3,10 @@ edited so that inversion and sampling reproduce it faithfully.
 
 The LoRA layers are peft's. Its weights travel as a plain state dict with peft's key names,
 ``"<module path>.lora_A.weight"`` [rank, in] and ``"<module path>.lora_B.weight"`` [out, rank], applied with
-scale 1 (lora_alpha = rank). The UNet itself is never left modified: training and ``identity_lora`` put peft's
-layers in place of the attention projections and put the original modules back afterwards. While training, each
-layer's down projection is a :class:`Float32Down`, which keeps less for the backward pass than peft's own.
+scale 1 (lora_alpha = rank). The UNet itself is never left modified: training puts peft's layers in place of the
+attention projections and puts the original modules back afterwards (each layer's down projection is a
+:class:`Float32Down`, which keeps less for the backward pass than peft's own); ``identity_lora`` merges W + BA
+into the projection weights and puts the original weight tensors back afterwards.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def _inject_lora_layers(unet: torch.nn.Module, targets: tuple, rank: int, seed: 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if any(isinstance(module, BaseTunerLayer) for module in unet.modules()):
-        raise RuntimeError("the UNet already carries peft adapter layers (is identity_lora already active?)")
+        raise RuntimeError("the UNet already carries peft adapter layers (is a LoRA training already running on it?)")
     attributes = set(vars(unet))
     # By identity: peft renames the wrapped weights ("to_q.weight" -> "to_q.base_layer.weight").
     requires_grad = [(parameter, parameter.requires_grad) for parameter in unet.parameters()]

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .drag.closs import DEFAULT_CLOSS_KIND
+from .drag.closs import DEFAULT_CLOSS_KIND, closs_region, correspondence_loss, footprint_radius
+from .drag.common import LatentAdam, usable_mask
 from .graphs import NoiseStep
 from .inversion import DDIMSchedule, ddim_step, predict_clean, unet_noise_fn
 from .progress import ProgressFn, report
@@ -52,8 +53,6 @@ class CLossSettings:
 
     def region(self, shape, targets, mask: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
         """The [h,w] bool latent positions this CLoss may change (see the module docstring)."""
-        from .drag.closs import closs_region, footprint_radius
-
         radius = footprint_radius(self.kind, self.patch_radius) + self.region_margin
         return closs_region(shape, targets, radius, mask, device)
 
@@ -147,6 +146,9 @@ def sample_dragged(
         latent = dragged_latent.detach().clone()
         if use_closs:
             original_latent = original_latent.clone()
+            # On the device once: a copy of Python data to a GPU waits for it, at every step otherwise.
+            handles, targets = (torch.as_tensor(points, dtype=torch.float32, device=latent.device).reshape(-1, 2)
+                                for points in (handles, targets))
             optimizer = _closs_optimizer(latent, unet, closs, targets, mask)
             latent = optimizer.latent
         control.mode = "replay"
@@ -172,16 +174,12 @@ def _noise_fn(unet, text_embeddings, uncond_embeddings, guidance_scale):
 
 def _closs_optimizer(latent: torch.Tensor, unet, closs: CLossSettings, targets, mask):
     """Adam on (a float32 copy of) the latent for CLoss, confined to its region, loss-scaled for a float16 UNet."""
-    from .drag.common import LatentAdam, usable_mask
-
     region = closs.region(latent.shape[-2:], targets, usable_mask(mask), latent.device)
     return LatentAdam(latent, closs.lr * closs.weight, next(unet.parameters()).dtype, region)
 
 
 def _closs_update(noise_fn, timestep, schedule, optimizer, closs, original_latent, handles, targets):
     """One Adam step of CLoss on ``optimizer.latent`` (in place); returns the noise predicted before the step."""
-    from .drag.closs import correspondence_loss
-
     latent = optimizer.latent
     with torch.enable_grad():
         noise = noise_fn(latent, timestep)

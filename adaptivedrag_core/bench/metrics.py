@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
+from ..features import decoder_stops_after
 from ..images import pil_to_tensor
 from ..models import SDComponents, weights_variant, encode_prompt
 from ..pipeline import place_module
@@ -53,10 +54,6 @@ class DiftSettings:
     up_ft_index: int = 1
     ensemble_size: int = 8
     seed: int = 42
-
-
-class _BlockReached(Exception):
-    """Raised by the forward hook: the decoder blocks after the feature block are not needed."""
 
 
 class DiftFeaturizer:
@@ -98,20 +95,8 @@ class DiftFeaturizer:
 
 def unet_block_output(unet, latents: torch.Tensor, timestep: int, context: torch.Tensor, block_index: int):
     """Output of ``unet.up_blocks[block_index]``; the UNet stops there instead of running its last blocks."""
-    captured = {}
-
-    def hook(_module, _inputs, output):
-        captured["features"] = output
-        raise _BlockReached
-
-    handle = unet.up_blocks[block_index].register_forward_hook(hook)
-    try:
-        unet(latents, timestep, encoder_hidden_states=context)
-    except _BlockReached:
-        pass
-    finally:
-        handle.remove()
-    return captured["features"]
+    with decoder_stops_after(unet, block_index):
+        return unet(latents, timestep, encoder_hidden_states=context).sample
 
 
 def load_dift_components(path) -> SDComponents:

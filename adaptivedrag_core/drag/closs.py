@@ -46,6 +46,9 @@ CLOSS_KINDS = ("contrastive", "mse")
 DEFAULT_CLOSS_KIND = "mse"
 MSE_SCALE = 100.0
 
+#: The contrastive form's neighbourhood radius: the loss and the footprint CLoss may change must agree on it.
+DESCRIPTOR_RADIUS = 1
+
 
 def correspondence_loss(
     pred_latent: torch.Tensor,
@@ -55,7 +58,7 @@ def correspondence_loss(
     kind: str = DEFAULT_CLOSS_KIND,
     patch_radius: int = 5,
     temperature: float = 0.07,
-    descriptor_radius: int = 1,
+    descriptor_radius: int = DESCRIPTOR_RADIUS,
 ) -> torch.Tensor:
     """CLoss between ``pred_latent`` around the targets and ``ref_latent`` around the handles, summed over pairs.
 
@@ -90,7 +93,7 @@ def correspondence_loss(
     return soft_symmetric_cross_entropy(predicted, reference, temperature).sum()
 
 
-def footprint_radius(kind: str, patch_radius: int, descriptor_radius: int = 1) -> int:
+def footprint_radius(kind: str, patch_radius: int, descriptor_radius: int = DESCRIPTOR_RADIUS) -> int:
     """How far (latent pixels, square) from a target the predicted latent enters CLoss, bilinear neighbour
     included."""
     return patch_radius + (descriptor_radius if kind == "contrastive" else 0) + 1
