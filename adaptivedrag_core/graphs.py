@@ -10,7 +10,8 @@ from Python data. ``tests/test_capture_ready.py`` checks this on the CPU.
 - **Forward only** (inversion, sampling without CLoss): :class:`ReplayedStep` over ``torch.cuda.CUDAGraph``.
 - **Forward and backward to the latent** (the drag's feature function; the CLoss step's noise prediction):
   ``torch.cuda.make_graphed_callables``. The loss, the point tracking and Adam stay eager (a few dozen small
-  kernels), since tracking decides on the host what happens next.
+  kernels), since tracking decides on the host what happens next; so does the float16 loss scaler's overflow
+  check (:class:`~adaptivedrag_core.drag.common.LossScaler`), which reads one flag back per backward pass.
 - **The whole identity-LoRA step** (forward, backward, loss scaling, fused AdamW): :class:`ReplayedStep`.
 
 All graphs share one memory pool per device (:func:`shared_pool`). Graphs live only as long as the stage that made

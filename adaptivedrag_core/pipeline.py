@@ -393,14 +393,14 @@ class DragPipeline:
         """Record (or reuse) the reference branch's attention keys/values."""
         key = self._key("reference", inversion.key, settings.reference_start_layer, settings.reference_start_step,
                         settings.guidance_scale, settings.prompt)
-        cached = self._cached("reference", key)
-        if cached is not None:
-            return cached
-        with self._lora(inversion.lora):
-            branch = record_reference(self.components.unet, inversion.text_embeddings, inversion.schedule,
-                                      inversion.inverted_latent, settings.reference_start_layer,
-                                      settings.reference_start_step, progress, *self._guidance(settings))
-        return self._store("reference", key, branch)
+
+        def record() -> ReferenceBranch:
+            with self._lora(inversion.lora):
+                return record_reference(self.components.unet, inversion.text_embeddings, inversion.schedule,
+                                        inversion.inverted_latent, settings.reference_start_layer,
+                                        settings.reference_start_step, progress, *self._guidance(settings))
+
+        return self._remember("reference", key, record)
 
     def drag(self, inversion: Inversion, handles, targets, feature_size, settings: EditSettings,
              mask: Optional[np.ndarray] = None, regions: Optional[np.ndarray] = None, progress: ProgressFn = None):

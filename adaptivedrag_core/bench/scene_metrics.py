@@ -80,12 +80,13 @@ def psnr(mse: float) -> float:
     return 99.0 if mse <= 1e-10 else float(min(99.0, 10 * math.log10(255.0 ** 2 / mse)))
 
 
-def moved_footprints(case: DragCase, before: RenderedScene, after: RenderedScene) -> np.ndarray:
-    """Every moved object's footprint before and after the move, dilated by :data:`FOOTPRINT_MARGIN` pixels."""
+def moved_footprints(case: DragCase, before: RenderedScene, after: RenderedScene,
+                     margin: int = FOOTPRINT_MARGIN) -> np.ndarray:
+    """Every moved object's footprint before and after the move, dilated by ``margin`` pixels."""
     union = np.zeros(before.image.shape[:2], bool)
     for index in case.moved:
         union |= before.footprint(index) | after.footprint(index)
-    return binary_dilation(union, iterations=FOOTPRINT_MARGIN)
+    return binary_dilation(union, iterations=margin)
 
 
 def locate(result: np.ndarray, source: np.ndarray, mask: np.ndarray) -> tuple[float, float]:

@@ -27,13 +27,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from scipy.ndimage import binary_dilation
 
 from ..errors import InputError
 from ..models import SDComponents
 from ..pipeline import DragPipeline, EditSettings, step_budget
 from ..scenes import CASE_KINDS, DragCase, make_cases
-from .scene_metrics import score_case
+from .scene_metrics import moved_footprints, score_case
 from .speed import MemoryClock
 
 #: Held-out cases: the training scenes come from another seed's stream.
@@ -131,11 +130,7 @@ class SceneBenchConfig:
 
 def user_mask(case: DragCase, margin: int = USER_MASK_MARGIN) -> np.ndarray:
     """A stand-in for a hand-drawn mask: the moved objects before and after, dilated by ``margin`` pixels."""
-    before, after = case.scene.render(), case.ground_truth().render()
-    union = np.zeros(before.image.shape[:2], bool)
-    for index in case.moved:
-        union |= before.footprint(index) | after.footprint(index)
-    return binary_dilation(union, iterations=margin)
+    return moved_footprints(case, case.scene.render(), case.ground_truth().render(), margin)
 
 
 def run_scene_bench(config: SceneBenchConfig, components: SDComponents, out_dir,
@@ -151,10 +146,11 @@ def run_scene_bench(config: SceneBenchConfig, components: SDComponents, out_dir,
     clock = MemoryClock(torch.device(config.device))
     results_file = out_dir / "results.jsonl"
     for number, case in enumerate(cases):
-        image = Image.fromarray(case.scene.render().image)
+        rendered = case.scene.render().image
+        image = Image.fromarray(rendered)
         masks = _CaseMasks(case, image, encoder)
         if (number, NO_EDIT) not in done:
-            unedited = score_case(case, case.scene.render().image)
+            unedited = score_case(case, rendered)
             records.append(_append(results_file, _record(number, case, NO_EDIT, unedited)))
         for variant in variants:
             if (number, variant.name) in done:

@@ -456,7 +456,10 @@ class MaskPenalty:
 
     def __init__(self, mask: Optional[torch.Tensor], prediction0: torch.Tensor):
         self.prediction0 = prediction0
-        self.keep = None if mask is None else (~resize_nearest(mask, prediction0.shape[-2:])).float()
+        keep = None if mask is None else (~resize_nearest(mask, prediction0.shape[-2:])).float()
+        # Counted once here, not read back at every step; a mask that lets everything change has no term.
+        self.keep_count = 0 if keep is None else int(keep.sum())
+        self.keep = keep if self.keep_count else None
 
     def sum(self, prediction: torch.Tensor) -> torch.Tensor:
         """Summed over elements (DragDiffusion)."""
@@ -466,10 +469,10 @@ class MaskPenalty:
 
     def mean(self, prediction: torch.Tensor) -> torch.Tensor:
         """Averaged over the elements that must stay (FreeDrag's per-element scale)."""
-        if self.keep is None or self.keep.sum() == 0:
+        if self.keep is None:
             return prediction.new_zeros(())
         channels = prediction.shape[1]
-        return ((prediction - self.prediction0).abs() * self.keep).sum() / (self.keep.sum() * channels)
+        return ((prediction - self.prediction0).abs() * self.keep).sum() / (self.keep_count * channels)
 
 
 # ----------------------------------------------------------------------------------------------- optimiser
