@@ -8,7 +8,8 @@
         [--lpips-weights FILE] --out results/ [--limit N] [--device cuda]
     python -m adaptivedrag_core bench scenes [--cases N] [--seed S] [--method M ...] [--variant NAME ...]
         [--out DIR] [--model DIR]
-    python -m adaptivedrag_core bench scene-model [--model DIR] [--scenes 100] [--round-trips 10] [--grid PNG]
+    python -m adaptivedrag_core bench scene-model [--model DIR] [--scenes 100] [--round-trips 10]
+        [--tracking-cases 12] [--grid PNG]
 
 ``--model tiny-random`` (and ``--dift-model tiny-random``) stand in tiny random-weight models, for smoke tests:
 their edits are noise.
@@ -312,12 +313,16 @@ def run_scenes(args) -> int:
 
 
 def _add_scene_model_parser(commands) -> None:
-    p = commands.add_parser("scene-model", help="the scene model's own quality (VAE, round trip, samples)",
+    p = commands.add_parser("scene-model", help="the scene model's own quality (VAE, round trip, feature tracking, "
+                            "samples)",
                             description="VAE reconstruction PSNR on held-out scenes, the invert-then-sample round "
-                            "trip with the identity LoRA at strength 0.7, and a grid of samples from noise.")
+                            "trip with the identity LoRA at strength 0.7, whether the drag's features find a moved "
+                            "object (feature tracking), and a grid of samples from noise.")
     p.add_argument("--model", help="scene model folder (default: the one shipped in the package)")
     p.add_argument("--scenes", type=int, default=100, help="held-out scenes for the VAE (default 100)")
     p.add_argument("--round-trips", type=int, default=10, help="held-out scenes for the round trip (default 10)")
+    p.add_argument("--tracking-cases", type=int, default=12,
+                   help="held-out drag cases for feature tracking (default 12; 0 skips it)")
     p.add_argument("--grid", help="write the grid of samples from noise to this PNG")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", help="also write the JSON report to this file")
@@ -331,9 +336,11 @@ def run_scene_model(args) -> int:
     _check_device(args.device)
     if args.scenes < 1 or args.round_trips < 1:
         raise InputError("--scenes and --round-trips must be at least 1")
+    if args.tracking_cases < 0:
+        raise InputError(f"--tracking-cases must be 0 or more, got {args.tracking_cases}")
     out = _report_path(args.out)
     components = load_scene_model(args.model, device=args.device)
     report = measure_scene_model(components, args.scenes, args.round_trips, args.device, args.grid,
-                                 log=lambda line: print(line, file=sys.stderr))
+                                 args.tracking_cases, log=lambda line: print(line, file=sys.stderr))
     _print_report(report, out)
     return 0

@@ -3,11 +3,15 @@
 - **VAE**: PSNR of encode (posterior mean) then decode;
 - **round trip**: identity LoRA, DDIM inversion at a strength, then sampling back without a drag (the edit's
   reference branch), decoded; PSNR against the input;
+- **feature tracking**: whether the drag's features (``up_blocks[2]`` at the inverted timestep) can find a dragged
+  object where the ground truth put it, at several inversion strengths: the premise of motion supervision and
+  point tracking, measured without any optimiser (:func:`feature_tracking`);
 - **samples**: a grid of pictures sampled from noise with DDIM, with the empty prompt and with captions.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Callable, Optional
 
@@ -15,15 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..features import make_feature_fn
 from ..images import prepare_image
-from ..inversion import ddim_step, make_schedule, unet_noise_fn
+from ..inversion import ddim_invert, ddim_step, make_schedule, unet_noise_fn
 from ..models import SDComponents, encode_prompt
 from ..pipeline import DragPipeline, EditSettings
-from ..scenes import random_scene
+from ..scenes import make_cases, random_scene
 from .scene_metrics import psnr
+from .scenes import DEFAULT_CASE_SEED
 
 #: Held-out scenes: the training scenes come from seed 0's stream.
 HELD_OUT_SEED = 2000
+#: Inversion strengths at which :func:`feature_tracking` looks (0.7 is the papers').
+TRACKING_STRENGTHS = (0.7, 0.5, 0.3)
 
 
 def held_out_scenes(count: int, size: int, seed: int = HELD_OUT_SEED) -> list[np.ndarray]:
@@ -37,12 +45,11 @@ def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def vae_psnr(components: SDComponents, count: int = 100, seed: int = HELD_OUT_SEED) -> list[float]:
     """Per scene PSNR (dB) of the VAE's reconstruction (posterior mean, as the edit encodes)."""
-    vae = components.vae
     scores = []
     for scene in held_out_scenes(count, components.native_size, seed):
-        pixels = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
-            decoded = vae.decode(vae.encode(pixels.to(vae.device)).latent_dist.mean).sample
+            latent = _encode(components, scene, components.vae.device)
+            decoded = components.vae.decode(latent / components.latent_scale).sample
         scores.append(image_psnr(scene, _to_uint8(decoded)))
     return scores
 
@@ -64,6 +71,68 @@ def round_trip_psnr(components: SDComponents, count: int = 10, strength: float =
         if progress is not None:
             progress(number + 1, count)
     return scores
+
+
+def tracking_error(before: torch.Tensor, after: torch.Tensor, handles, targets, image_size: int) -> list[float]:
+    """How far from each target the handle's feature is found in the moved scene's features, per drag length.
+
+    Args:
+        before, after: [1, D, H, W] feature maps of the scene and of its ground truth (the objects moved).
+        handles, targets: (x, y) image pixels of each drag.
+        image_size: the image side the points refer to (the maps may be smaller).
+
+    Returns one figure per drag: the distance from the target to the ``after`` cell nearest (L2) to the handle's
+    ``before`` feature, divided by the drag's length. 0 finds the object where it went; 1 is no better than not
+    moving (the point stayed at its handle).
+    """
+    height, width = before.shape[-2:]
+    scale_x, scale_y = width / image_size, height / image_size
+    errors = []
+    for (hx, hy), (tx, ty) in zip(handles, targets):
+        column = min(width - 1, int(hx * scale_x))
+        row = min(height - 1, int(hy * scale_y))
+        query = before[0, :, row, column]
+        distances = (after[0] - query[:, None, None]).pow(2).sum(0)
+        found_row, found_column = divmod(int(distances.argmin()), width)
+        found = ((found_column + 0.5) / scale_x, (found_row + 0.5) / scale_y)
+        errors.append(math.hypot(found[0] - tx, found[1] - ty) / max(math.hypot(tx - hx, ty - hy), 1.0))
+    return errors
+
+
+@torch.no_grad()
+def feature_tracking(components: SDComponents, cases: int = 12, strengths=TRACKING_STRENGTHS, device="cpu",
+                     seed: int = DEFAULT_CASE_SEED) -> dict[float, list[float]]:
+    """:func:`tracking_error` of every drag of ``cases`` held-out drag cases, per inversion strength.
+
+    Each scene and its ground truth are encoded, DDIM-inverted to the strength's timestep (the empty prompt, no
+    LoRA: the base model's features) and passed through the UNet to the drag's feature block, as the edit's
+    defaults do (``EditSettings.feature_block``, ``feature_scale``). A model whose features cannot find the moved
+    object cannot guide a drag to it, so this is a drag's precondition, measured in seconds.
+    """
+    defaults = EditSettings()
+    size = components.native_size
+    feature_side = round(size * defaults.feature_scale)
+    embeddings = encode_prompt(components, "", device=device)
+    noise_fn = unet_noise_fn(components.unet, embeddings)
+    drag_cases = make_cases(cases, seed, size)
+    latents = [(_encode(components, case.scene.render().image, device),
+                _encode(components, case.ground_truth().render().image, device)) for case in drag_cases]
+    errors = {}
+    for strength in strengths:
+        schedule = make_schedule(components.make_scheduler(), defaults.num_steps, strength)
+        features = make_feature_fn(components.unet, embeddings, schedule, (feature_side, feature_side),
+                                   defaults.feature_block, with_prediction=False)
+        errors[strength] = []
+        for case, (scene, moved) in zip(drag_cases, latents):
+            before = features.features_only(ddim_invert(noise_fn, scene, schedule))
+            after = features.features_only(ddim_invert(noise_fn, moved, schedule))
+            errors[strength] += tracking_error(before, after, case.handles, case.targets, size)
+    return errors
+
+
+def _encode(components: SDComponents, picture: np.ndarray, device) -> torch.Tensor:
+    pixels = torch.from_numpy(picture).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
+    return components.vae.encode(pixels).latent_dist.mean * components.latent_scale
 
 
 @torch.no_grad()
@@ -91,7 +160,7 @@ def grid(pictures: list[np.ndarray], columns: int) -> Image.Image:
 
 
 def measure_scene_model(components: SDComponents, scenes: int = 100, round_trips: int = 10, device="cpu",
-                        grid_path=None, log: Callable[[str], None] = print) -> dict:
+                        grid_path=None, tracking_cases: int = 12, log: Callable[[str], None] = print) -> dict:
     """Every figure of ``docs/quality.md``'s model section; writes the sample grid to ``grid_path`` if given."""
     vae = vae_psnr(components, scenes)
     log(f"VAE reconstruction: mean PSNR {statistics.fmean(vae):.2f} dB on {scenes} held-out scenes")
@@ -100,6 +169,15 @@ def measure_scene_model(components: SDComponents, scenes: int = 100, round_trips
     report = {"vae_psnr_mean": round(statistics.fmean(vae), 2), "vae_psnr_min": round(min(vae), 2),
               "round_trip_psnr_mean": round(statistics.fmean(trips), 2),
               "round_trip_psnr_min": round(min(trips), 2), "scenes": scenes, "round_trips": round_trips}
+    if tracking_cases:
+        tracking = feature_tracking(components, tracking_cases, device=device)
+        report["tracking_cases"] = tracking_cases
+        report["tracking_error"] = {}
+        for strength, errors in tracking.items():
+            median, mean = statistics.median(errors), statistics.fmean(errors)
+            report["tracking_error"][str(strength)] = {"median": round(median, 3), "mean": round(mean, 3)}
+            log(f"feature tracking at strength {strength}: error / drag length median {median:.2f}, mean {mean:.2f} "
+                f"({len(errors)} drags; 0 finds the moved object, 1 is no better than not moving)")
     if grid_path is not None:
         rng = np.random.default_rng(HELD_OUT_SEED + 7)
         captions = [random_scene(rng, components.native_size).caption() for _ in range(8)]
