@@ -1,7 +1,7 @@
 """``train-scenes``: train the scene model (:mod:`scene_training`), resumable.
 
     python -m adaptivedrag_core train-scenes [--out DIR] [--device cpu|cuda] [--seed 0]
-        [--scenes N] [--vae-steps N] [--unet-steps N] [--size 128]
+        [--scenes N] [--vae-steps N] [--unet-steps N] [--vae-batch N] [--unet-batch N] [--size 128]
 
 The defaults reproduce the shipped model (``adaptivedrag_core/scene_model``). Run it again with the same
 ``--out`` to resume after an interruption.
@@ -30,6 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"VAE steps (default {defaults.vae_steps})")
     p.add_argument("--unet-steps", type=int, default=defaults.unet_steps,
                    help=f"UNet steps (default {defaults.unet_steps})")
+    p.add_argument("--vae-batch", type=int, default=defaults.vae_batch,
+                   help=f"crops per VAE step (default {defaults.vae_batch}; a GPU is better used with more)")
+    p.add_argument("--unet-batch", type=int, default=defaults.unet_batch,
+                   help=f"latents per UNet step (default {defaults.unet_batch}; a GPU is better used with more)")
     p.add_argument("--size", type=int, default=defaults.spec.native_size,
                    help=f"native image size, a multiple of 64 (default {defaults.spec.native_size}; 256 gives 32x32 "
                    "latents, four times the compute: a GPU run)")
@@ -43,7 +47,7 @@ def run_train(args) -> int:
     from .errors import InputError
     from .scene_training import TrainingPlan, train_scene_model
 
-    for name in ("scenes", "vae_steps", "unet_steps"):
+    for name in ("scenes", "vae_steps", "unet_steps", "vae_batch", "unet_batch"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.size < 64 or args.size % 64:
@@ -53,6 +57,7 @@ def run_train(args) -> int:
         raise InputError("--device cuda was asked for but no CUDA device is available")
     defaults = TrainingPlan()
     plan = replace(defaults, seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                   vae_batch=args.vae_batch, unet_batch=args.unet_batch,
                    spec=replace(defaults.spec, native_size=args.size))
     train_scene_model(args.out, plan, device=args.device)
     return 0

@@ -3,7 +3,8 @@
 ``python -m adaptivedrag_core train-scenes --out DIR`` runs four stages, each with a progress bar, and keeps its
 state in ``DIR`` so that an interrupted run carries on where it stopped:
 
-1. **scenes**: render the training scenes and their captions once (``scenes.npy``, ``captions.json``);
+1. **scenes**: render the training scenes and their captions once, a process per core the run may use
+   (``scenes.npy``, ``captions.json``);
 2. **VAE**: train the autoencoder on random crops, decoding the posterior mean (reconstruction MSE + 0.1 L1 + a
    tiny KL term); small batches, since on a CPU more steps of 4 crops beat fewer of 16 for the same time;
    checkpoint ``vae.pt``;
@@ -36,7 +37,7 @@ import torch
 from .models import SD15_SCHEDULER_CONFIG, SDComponents
 from .progress import TqdmProgress
 from .scene_model import SceneModelSpec, build_scene_components, save_scene_model, spec_info
-from .scenes import random_scene
+from .scenes import scene_set
 
 CHECKPOINT_FILES = {"vae": "vae.pt", "unet": "unet.pt"}
 _STAGE_SEEDS = {"vae": 1, "unet": 2}
@@ -128,16 +129,8 @@ def scene_dataset(out_dir: Path, plan: TrainingPlan, progress=None) -> tuple[np.
     images_file, captions_file = out_dir / "scenes.npy", out_dir / "captions.json"
     if images_file.is_file() and captions_file.is_file():
         return np.load(images_file), json.loads(captions_file.read_text(encoding="utf-8"))
-    rng = np.random.default_rng(plan.seed)
-    size = plan.spec.native_size
-    images = np.empty((plan.scenes, size, size, 3), np.uint8)
-    captions = []
-    for i in range(plan.scenes):
-        scene = random_scene(rng, size)
-        images[i] = scene.render().image
-        captions.append(scene.caption())
-        if progress is not None and ((i + 1) % 200 == 0 or i + 1 == plan.scenes):
-            progress(i + 1, plan.scenes)
+    images, captions = scene_set(plan.seed, plan.scenes, plan.spec.native_size, workers=len(os.sched_getaffinity(0)),
+                                 progress=progress)
     _atomic(images_file, lambda path: np.save(path, images))
     _atomic(captions_file, lambda path: Path(path).write_text(json.dumps(captions), encoding="utf-8"))
     return images, captions

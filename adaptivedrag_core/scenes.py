@@ -16,9 +16,12 @@ scene's ``size`` (x to the right, y down), the convention of :class:`~adaptivedr
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing
+import signal
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -429,10 +432,51 @@ def _far_to_near(objects: list) -> list:
     return sorted(objects, key=depth)
 
 
-def scene_batch(seed: int, count: int, size: int = 128) -> np.ndarray:
-    """``count`` rendered scenes [N, size, size, 3] uint8 from ``seed`` (the training set of the scene model)."""
+def scene_set(seed: int, count: int, size: int = 128, workers: int = 1,
+              progress: Optional[Callable[[int, int], None]] = None) -> tuple[np.ndarray, list[str]]:
+    """``count`` random scenes from ``seed``: their pictures [N, size, size, 3] uint8 and their captions.
+
+    The scenes are drawn from one random stream, in order, then rendered ``workers`` processes at a time. Rendering
+    makes no random draws, so the pictures are the same whatever the number of workers.
+
+    Args:
+        seed: seeds the stream (the scene model trains on seed 0's scenes; held-out sets use other seeds).
+        count: number of scenes.
+        size: side of each picture in pixels.
+        workers: rendering processes; 1 renders here.
+        progress: called with (scenes rendered, count) after each chunk.
+    """
     rng = np.random.default_rng(seed)
-    return np.stack([random_scene(rng, size).render().image for _ in range(count)])
+    scenes = [random_scene(rng, size) for _ in range(count)]
+    images = np.empty((count, size, size, 3), np.uint8)
+    starts = range(0, count, _RENDER_CHUNK)
+    chunks = [scenes[start:start + _RENDER_CHUNK] for start in starts]
+    with contextlib.ExitStack() as stack:
+        mapper = map
+        if workers > 1 and len(chunks) > 1:
+            # spawn, not fork: the caller may hold torch's thread pools, which a forked child must not inherit.
+            # Leaving the block terminates the workers, so an interrupt stops at once instead of rendering the rest.
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(context.Pool(min(workers, len(chunks)), initializer=_leave_interrupts_to_caller))
+            mapper = pool.imap
+        for start, rendered in zip(starts, mapper(_render_pictures, chunks)):
+            images[start:start + len(rendered)] = rendered
+            if progress is not None:
+                progress(start + len(rendered), count)
+    return images, [scene.caption() for scene in scenes]
+
+
+#: Scenes a rendering process is given at a time: small enough for a steady progress bar.
+_RENDER_CHUNK = 200
+
+
+def _leave_interrupts_to_caller() -> None:
+    # Ctrl-C reaches every process of the terminal's group; the caller stops its workers, which need not report it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _render_pictures(scenes: list[Scene]) -> np.ndarray:
+    return np.stack([scene.render().image for scene in scenes])
 
 
 # ----------------------------------------------------------------------------------------------- cases

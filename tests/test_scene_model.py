@@ -1,10 +1,8 @@
 """The shipped scene model: what it is, and that the training command would still train it on the same scenes."""
 
-import numpy as np
-
 from adaptivedrag_core.scene_model import SCENE_MODEL_DIR, load_scene_model, scene_model_info
 from adaptivedrag_core.scene_training import TrainingPlan, data_digest
-from adaptivedrag_core.scenes import random_scene
+from adaptivedrag_core.scenes import scene_set
 
 
 def test_the_shipped_model_is_small_and_has_sd15s_layout():
@@ -21,7 +19,5 @@ def test_the_shipped_model_is_small_and_has_sd15s_layout():
 
 def test_the_generator_still_makes_the_scenes_the_model_was_trained_on():
     info = scene_model_info()
-    plan = TrainingPlan()
-    rng = np.random.default_rng(plan.seed)
-    first = np.stack([random_scene(rng, info["native_size"]).render().image for _ in range(16)])
+    first, _ = scene_set(TrainingPlan().seed, 16, info["native_size"])
     assert data_digest(first) == info["data_digest"]

@@ -5,6 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from adaptivedrag_core import scene_training
+from adaptivedrag_core.cli import main
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.scene_model import SceneModelSpec, load_scene_model
 from adaptivedrag_core.scene_training import TrainingPlan, train_scene_model, weights_digest
@@ -76,3 +78,18 @@ def test_the_export_loads_offline_with_its_native_size_and_latent_scale(trained)
 def test_a_missing_scene_model_names_the_command(tmp_path):
     with pytest.raises(InputError, match="train-scenes"):
         load_scene_model(tmp_path)
+
+
+def test_train_scenes_builds_its_plan_from_the_command_line(monkeypatch, tmp_path, capsys):
+    runs = []
+    monkeypatch.setattr(scene_training, "train_scene_model", lambda out, plan, device: runs.append((out, plan)))
+    argv = ["train-scenes", "--out", str(tmp_path), "--vae-batch", "16", "--unet-batch", "128", "--size", "256"]
+    assert main(argv) == 0
+    [(out, plan)] = runs
+    assert out == str(tmp_path)
+    assert (plan.vae_batch, plan.unet_batch, plan.spec.native_size) == (16, 128, 256)
+    defaults = TrainingPlan()
+    assert replace(plan, vae_batch=defaults.vae_batch, unet_batch=defaults.unet_batch, spec=defaults.spec) == defaults
+    assert main(["train-scenes", "--out", str(tmp_path), "--unet-batch", "0"]) == 2
+    assert "--unet-batch must be at least 1" in capsys.readouterr().err
+    assert len(runs) == 1

@@ -5,7 +5,8 @@ import pytest
 
 from adaptivedrag_core.bench.scene_metrics import footprint_iou, locate, score_case
 from adaptivedrag_core.bench.scenes import user_mask
-from adaptivedrag_core.scenes import CASE_KINDS, make_cases, random_scene
+from adaptivedrag_core import scenes
+from adaptivedrag_core.scenes import CASE_KINDS, make_cases, random_scene, scene_set
 
 
 def test_scenes_are_reproducible_and_varied():
@@ -15,6 +16,19 @@ def test_scenes_are_reproducible_and_varied():
     assert first.shape == (128, 128, 3) and first.dtype == np.uint8
     assert np.array_equal(first, again)
     assert np.abs(first.astype(int) - other).mean() > 10
+
+
+def test_rendering_in_several_processes_gives_the_same_scenes_in_order(monkeypatch):
+    monkeypatch.setattr(scenes, "_RENDER_CHUNK", 4)  # 10 scenes in chunks of 4, 4 and 2
+    calls = []
+    parallel, parallel_captions = scene_set(3, 10, 64, workers=2, progress=lambda done, total: calls.append(done))
+    alone, captions = scene_set(3, 10, 64)
+    rng = np.random.default_rng(3)
+    first = random_scene(rng, 64)
+    assert np.array_equal(parallel, alone) and parallel_captions == captions
+    assert np.array_equal(alone[0], first.render().image) and captions[0] == first.caption()
+    assert not np.array_equal(alone[1], alone[0])
+    assert calls == [4, 8, 10]
 
 
 def test_visible_masks_respect_occlusion():

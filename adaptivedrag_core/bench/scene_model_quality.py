@@ -24,7 +24,7 @@ from ..images import prepare_image
 from ..inversion import ddim_invert, ddim_step, make_schedule, unet_noise_fn
 from ..models import SDComponents, encode_prompt
 from ..pipeline import DragPipeline, EditSettings
-from ..scenes import make_cases, random_scene
+from ..scenes import make_cases, random_scene, scene_set
 from .scene_metrics import psnr
 from .scenes import DEFAULT_CASE_SEED
 
@@ -35,8 +35,7 @@ TRACKING_STRENGTHS = (0.7, 0.5, 0.3)
 
 
 def held_out_scenes(count: int, size: int, seed: int = HELD_OUT_SEED) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [random_scene(rng, size).render().image for _ in range(count)]
+    return list(scene_set(seed, count, size)[0])
 
 
 def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
