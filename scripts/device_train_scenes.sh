@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Train the scene model on a lent GPU machine in one call of the device tool, measure it, and bring it back.
+#
+#   scripts/device_train_scenes.sh [train-scenes options...]     e.g. --size 256 --unet-steps 20000 --unet-batch 128
+#
+# Run from the repository root, where the device tool runs commands. Everything comes back through $OUT, within
+# its limits (8 files, 16 MiB each): train.log, bench.log, scene-model.json (`bench scene-model`'s report),
+# samples.png (samples from noise) and the model as model.tar.gz.part-aa, -ab, ... (join them with cat, then
+# untar). The training folder stays in /tmp/scene-training, so a second call on the same warm machine with the
+# same options resumes instead of starting again.
+#
+# The device image has no diffusers: carry its wheel (pure Python) in .whl, which .gitignore keeps out of git:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl "diffusers>=0.30"
+# and name .whl in the call's carry.
+#
+# Environment: PYTHON (default python3), SCENE_DEVICE (default cuda), SCENE_TRAINING_DIR (default
+# /tmp/scene-training), OUT (set by the device tool).
+set -euo pipefail
+
+out="${OUT:?OUT is not set: run this through the device tool, or set OUT to a folder}"
+python="${PYTHON:-python3}"
+device="${SCENE_DEVICE:-cuda}"
+work="${SCENE_TRAINING_DIR:-/tmp/scene-training}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$python" -c "import diffusers" 2>/dev/null || { echo "diffusers is missing: carry its wheel in .whl (see above)" >&2; exit 2; }
+
+logged() {  # logged LOG COMMAND...: run COMMAND, its whole output in LOG, all but progress redraws on stdout
+    local log=$1
+    shift
+    # Progress bars redraw with carriage returns: one line per redraw in the log, none in the device's output tail.
+    "$@" 2>&1 | tr '\r' '\n' | tee "$log" | { grep -v -e '%|' -e '^$' || true; }
+}
+
+logged "$out/train.log" "$python" -m adaptivedrag_core train-scenes --out "$work" --device "$device" "$@"
+tar -C "$work" -czf - model | split -b 15M - "$out/model.tar.gz.part-"
+logged "$out/bench.log" "$python" -m adaptivedrag_core bench scene-model --model "$work/model" --device "$device" \
+    --grid "$out/samples.png" --out "$out/scene-model.json"
