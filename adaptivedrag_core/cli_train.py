@@ -1,7 +1,8 @@
 """``train-scenes``: train the scene model (:mod:`scene_training`), resumable.
 
     python -m adaptivedrag_core train-scenes [--out DIR] [--device cpu|cuda] [--seed 0]
-        [--scenes N] [--vae-steps N] [--unet-steps N] [--vae-batch N] [--unet-batch N] [--size 128]
+        [--scenes N] [--vae-steps N] [--unet-steps N] [--vae-batch N] [--unet-batch N] [--unet-lr LR]
+        [--checkpoint-every N] [--size 128]
 
 The defaults reproduce the shipped model (``adaptivedrag_core/scene_model``). Run it again with the same
 ``--out`` to resume after an interruption.
@@ -34,6 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"crops per VAE step (default {defaults.vae_batch}; a GPU is better used with more)")
     p.add_argument("--unet-batch", type=int, default=defaults.unet_batch,
                    help=f"latents per UNet step (default {defaults.unet_batch}; a GPU is better used with more)")
+    p.add_argument("--unet-lr", type=float, default=defaults.unet_lr,
+                   help=f"the UNet's peak learning rate (default {defaults.unet_lr})")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help=f"steps between checkpoints (default {defaults.checkpoint_every}; a GPU run steps so fast "
+                   "that saving this often costs time)")
     p.add_argument("--size", type=int, default=defaults.spec.native_size,
                    help=f"native image size, a multiple of 64 (default {defaults.spec.native_size}; 256 gives 32x32 "
                    "latents, four times the compute: a GPU run)")
@@ -47,9 +53,11 @@ def run_train(args) -> int:
     from .errors import InputError
     from .scene_training import TrainingPlan, train_scene_model
 
-    for name in ("scenes", "vae_steps", "unet_steps", "vae_batch", "unet_batch"):
+    for name in ("scenes", "vae_steps", "unet_steps", "vae_batch", "unet_batch", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.unet_lr > 0:
+        raise InputError(f"--unet-lr must be above 0, got {args.unet_lr}")
     if args.size < 64 or args.size % 64:
         raise InputError(f"--size must be a multiple of 64 (the UNet halves the 8x smaller latents three times), "
                          f"got {args.size}")
@@ -57,7 +65,8 @@ def run_train(args) -> int:
         raise InputError("--device cuda was asked for but no CUDA device is available")
     defaults = TrainingPlan()
     plan = replace(defaults, seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                   vae_batch=args.vae_batch, unet_batch=args.unet_batch,
+                   vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
+                   checkpoint_every=args.checkpoint_every,
                    spec=replace(defaults.spec, native_size=args.size))
     train_scene_model(args.out, plan, device=args.device)
     return 0

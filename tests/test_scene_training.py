@@ -83,13 +83,18 @@ def test_a_missing_scene_model_names_the_command(tmp_path):
 def test_train_scenes_builds_its_plan_from_the_command_line(monkeypatch, tmp_path, capsys):
     runs = []
     monkeypatch.setattr(scene_training, "train_scene_model", lambda out, plan, device: runs.append((out, plan)))
-    argv = ["train-scenes", "--out", str(tmp_path), "--vae-batch", "16", "--unet-batch", "128", "--size", "256"]
+    argv = ["train-scenes", "--out", str(tmp_path), "--vae-batch", "16", "--unet-batch", "128", "--unet-lr", "1e-3",
+            "--checkpoint-every", "1000", "--size", "256"]
     assert main(argv) == 0
     [(out, plan)] = runs
     assert out == str(tmp_path)
-    assert (plan.vae_batch, plan.unet_batch, plan.spec.native_size) == (16, 128, 256)
+    assert (plan.vae_batch, plan.unet_batch, plan.unet_lr, plan.checkpoint_every) == (16, 128, 1e-3, 1000)
+    assert plan.spec.native_size == 256
     defaults = TrainingPlan()
-    assert replace(plan, vae_batch=defaults.vae_batch, unet_batch=defaults.unet_batch, spec=defaults.spec) == defaults
+    assert replace(plan, vae_batch=defaults.vae_batch, unet_batch=defaults.unet_batch, unet_lr=defaults.unet_lr,
+                   checkpoint_every=defaults.checkpoint_every, spec=defaults.spec) == defaults
     assert main(["train-scenes", "--out", str(tmp_path), "--unet-batch", "0"]) == 2
     assert "--unet-batch must be at least 1" in capsys.readouterr().err
+    assert main(["train-scenes", "--out", str(tmp_path), "--unet-lr", "0"]) == 2
+    assert "--unet-lr must be above 0" in capsys.readouterr().err
     assert len(runs) == 1
