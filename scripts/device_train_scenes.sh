@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train the scene model on a lent GPU machine in one call of the device tool, measure it, and bring it back.
 #
-#   scripts/device_train_scenes.sh [train-scenes options...]     e.g. --size 256 --unet-steps 20000 --unet-batch 128
+#   scripts/device_train_scenes.sh [train-scenes options...]     e.g. --size 256 --unet-batch 128 --unet-steps N
+#
+# Choose the steps so that training and the benchmark fit the call's 10 minutes (the device's limit).
 #
 # Run from the repository root, where the device tool runs commands. Everything comes back through $OUT, within
 # its limits (8 files, 16 MiB each): train.log, bench.log, scene-model.json (`bench scene-model`'s report),
@@ -10,8 +12,9 @@
 # same options resumes instead of starting again.
 #
 # The device image has no diffusers: carry its wheel (pure Python) in .whl, which .gitignore keeps out of git:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl "diffusers>=0.30"
-# and name .whl in the call's carry.
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
+# and name .whl in the call's carry. That is the version the tests ran with; it needs huggingface-hub >= 1.32,
+# and the image had 1.33 when last listed.
 #
 # Environment: PYTHON (default python3), SCENE_DEVICE (default cuda), SCENE_TRAINING_DIR (default
 # /tmp/scene-training), OUT (set by the device tool).
