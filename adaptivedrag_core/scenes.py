@@ -432,6 +432,10 @@ def _far_to_near(objects: list) -> list:
     return sorted(objects, key=depth)
 
 
+#: Scenes a rendering process is given at a time: small enough for a steady progress bar.
+_RENDER_CHUNK = 200
+
+
 def scene_set(seed: int, count: int, size: int = 128, workers: int = 1,
               progress: Optional[Callable[[int, int], None]] = None) -> tuple[np.ndarray, list[str]]:
     """``count`` random scenes from ``seed``: their pictures [N, size, size, 3] uint8 and their captions.
@@ -464,10 +468,6 @@ def scene_set(seed: int, count: int, size: int = 128, workers: int = 1,
             if progress is not None:
                 progress(start + len(rendered), count)
     return images, [scene.caption() for scene in scenes]
-
-
-#: Scenes a rendering process is given at a time: small enough for a steady progress bar.
-_RENDER_CHUNK = 200
 
 
 def _leave_interrupts_to_caller() -> None:
