@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -220,32 +220,15 @@ def train_unet(components: SDComponents, latents: torch.Tensor, token_ids: torch
     if step:
         log(f"UNet: resuming at step {step} of {plan.unet_steps}")
     alphas_cumprod = noise_schedule().to(device)
-    empty_ids = token_ids[:1].clone()
-    empty_ids[:] = _empty_prompt_ids(components.tokenizer, plan.spec.text_length)
+    empty_ids = _empty_prompt_ids(components.tokenizer, plan.spec.text_length)
+    averaging = _EmaPairs(ema, unet)
     started = time.perf_counter() - seconds
     while step < plan.unet_steps:
-        generator = _step_generator(plan.seed, "unet", step)
-        index = torch.randint(0, len(latents), (plan.unet_batch,), generator=generator)
-        clean = latents[index]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, len(alphas_cumprod), (plan.unet_batch,), generator=generator)
-        dropped = torch.rand(plan.unet_batch, generator=generator) < plan.caption_dropout
-        ids = torch.where(dropped[:, None], empty_ids, token_ids[index])
-        clean, noise, timesteps, ids = clean.to(device), noise.to(device), timesteps.to(device), ids.to(device)
-        with torch.no_grad():
-            context = text_encoder(ids)[0]
-        alpha = alphas_cumprod[timesteps][:, None, None, None]
-        noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+        batch = _draw_unet_batch(plan, step, latents, token_ids, empty_ids, len(alphas_cumprod))
         _set_lr(optimiser, plan.unet_lr, step, plan.unet_steps, plan.warmup_steps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
-        snr = alpha.flatten() / (1 - alpha.flatten())
-        weights = torch.clamp(snr, max=plan.min_snr_gamma) / snr
-        loss = (weights * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        _unet_step(unet, text_encoder, optimiser, alphas_cumprod, batch, device, plan.min_snr_gamma)
         step += 1
-        _update_ema(ema, unet, min(plan.ema_decay, (1 + step) / (10 + step)))
+        averaging.update(min(plan.ema_decay, (1 + step) / (10 + step)))
         if step % plan.checkpoint_every == 0 or step == plan.unet_steps:
             _save(checkpoint_file, {"model": unet, "optimiser": optimiser}, step, time.perf_counter() - started, ema)
         if progress is not None:
@@ -253,6 +236,107 @@ def train_unet(components: SDComponents, latents: torch.Tensor, token_ids: torch
     unet.load_state_dict(ema)
     unet.eval().requires_grad_(False)
     return _saved_seconds(checkpoint_file)
+
+
+def _draw_unet_batch(plan: TrainingPlan, step: int, latents: torch.Tensor, token_ids: torch.Tensor,
+                     empty_ids: torch.Tensor, timestep_count: int) -> tuple[torch.Tensor, ...]:
+    """Step ``step``'s clean latents, noise, timesteps and token ids, from the step's own generator."""
+    generator = _step_generator(plan.seed, "unet", step)
+    index = torch.randint(0, len(latents), (plan.unet_batch,), generator=generator)
+    clean = latents[index]
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(0, timestep_count, (plan.unet_batch,), generator=generator)
+    dropped = torch.rand(plan.unet_batch, generator=generator) < plan.caption_dropout
+    ids = torch.where(dropped[:, None], empty_ids, token_ids[index])
+    return clean, noise, timesteps, ids
+
+
+def _unet_step(unet, text_encoder, optimiser, alphas_cumprod: torch.Tensor, batch: tuple[torch.Tensor, ...],
+               device, min_snr_gamma: float) -> None:
+    """One optimiser step of epsilon prediction with min-SNR weights on a drawn batch."""
+    clean, noise, timesteps, ids = (tensor.to(device) for tensor in batch)
+    with torch.no_grad():
+        context = text_encoder(ids)[0]
+    alpha = alphas_cumprod[timesteps][:, None, None, None]
+    noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+    prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+    snr = alpha.flatten() / (1 - alpha.flatten())
+    weights = torch.clamp(snr, max=min_snr_gamma) / snr
+    loss = (weights * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+
+
+class _EmaPairs:
+    """The moving average ``ema`` (name -> tensor) of ``model``'s weights, updated by batched operations: the
+    UNet has 686 tensors, so one operation each would launch about 1,400 GPU kernels a step (on the CPU the
+    batched form takes about half the time; the results are the same to the bit)."""
+
+    def __init__(self, ema: dict, model: torch.nn.Module):
+        current = model.state_dict(keep_vars=True)
+        floating = {name for name, value in current.items() if value.dtype.is_floating_point}
+        self.averages = [ema[name] for name in current if name in floating]
+        self.weights = [value.detach() for name, value in current.items() if name in floating]
+        self.others = [(ema[name], value.detach()) for name, value in current.items() if name not in floating]
+
+    def update(self, decay: float) -> None:
+        with torch.no_grad():
+            torch._foreach_mul_(self.averages, decay)
+            torch._foreach_add_(self.averages, self.weights, alpha=1 - decay)
+            for average, value in self.others:
+                average.copy_(value)
+
+
+def unet_step_seconds(plan: TrainingPlan, device, steps: int = 10, warmup: int = 3) -> float:
+    """Median seconds of a UNet training step of ``plan`` on ``device`` (its batch, size and widths; the moving
+    average included), timed on a fresh model and random latents, after ``warmup`` untimed steps."""
+    components = build_scene_components(plan.spec, seed=plan.seed)
+    unet, text_encoder = components.unet.to(device).train().requires_grad_(True), components.text_encoder.to(device)
+    ema = {name: value.detach().clone() for name, value in unet.state_dict().items()}
+    averaging = _EmaPairs(ema, unet)
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=0.01)
+    alphas_cumprod = noise_schedule().to(device)
+    side = plan.spec.native_size // 8
+    latents = torch.randn(plan.unet_batch, 4, side, side, generator=torch.Generator().manual_seed(plan.seed))
+    empty_ids = _empty_prompt_ids(components.tokenizer, plan.spec.text_length)
+    token_ids = empty_ids.expand(plan.unet_batch, -1)
+    times = []
+    for step in range(warmup + steps):
+        _synchronise(device)
+        start = time.perf_counter()
+        batch = _draw_unet_batch(plan, step, latents, token_ids, empty_ids, len(alphas_cumprod))
+        _unet_step(unet, text_encoder, optimiser, alphas_cumprod, batch, device, plan.min_snr_gamma)
+        averaging.update(plan.ema_decay)
+        _synchronise(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[warmup:]))
+
+
+def fit_unet_steps(out_dir, plan: TrainingPlan, seconds: float, device, log: Callable[[str], None] = print
+                   ) -> TrainingPlan:
+    """``plan`` with as many UNet steps as fill about ``seconds`` on ``device`` (:func:`unet_step_seconds`).
+
+    A folder that already holds this plan, with whatever step count, keeps its count: a rerun resumes it
+    rather than measuring again and being refused as another plan.
+    """
+    plan_file = Path(out_dir) / "plan.json"
+    if plan_file.is_file():
+        text = plan_file.read_text(encoding="utf-8")
+        saved = replace(plan, unet_steps=int(json.loads(text)["unet_steps"]))
+        if json.dumps(saved.info(), sort_keys=True) == text:
+            log(f"UNet: {saved.unet_steps} steps, as the run in {out_dir} was planned")
+            return saved
+    step_seconds = unet_step_seconds(plan, torch.device(device))
+    steps = max(1, int(seconds / step_seconds))
+    log(f"UNet: {step_seconds:.3f} s a step of {plan.unet_batch} latents on {device}, so {steps} steps for "
+        f"{seconds:g} s (--unet-steps {steps} plans the same run)")
+    return replace(plan, unet_steps=steps)
+
+
+def _synchronise(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def noise_schedule() -> torch.Tensor:
@@ -270,15 +354,6 @@ def _tokenize(tokenizer, captions: list[str], length: int) -> torch.Tensor:
 
 def _empty_prompt_ids(tokenizer, length: int) -> torch.Tensor:
     return _tokenize(tokenizer, [""], length)[0]
-
-
-def _update_ema(ema: dict, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for name, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
-                ema[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
-            else:
-                ema[name].copy_(value)
 
 
 # ------------------------------------------------------------------------------------------------ shared

@@ -160,14 +160,23 @@ def grid(pictures: list[np.ndarray], columns: int) -> Image.Image:
 
 def measure_scene_model(components: SDComponents, scenes: int = 100, round_trips: int = 10, device="cpu",
                         grid_path=None, tracking_cases: int = 12, log: Callable[[str], None] = print) -> dict:
-    """Every figure of ``docs/quality.md``'s model section; writes the sample grid to ``grid_path`` if given."""
+    """Every figure of ``docs/quality.md``'s model section; writes the sample grid to ``grid_path`` if given,
+    first, since it is the quickest look at whether the model draws objects (a run cut short still has it)."""
+    report = {}
+    if grid_path is not None:
+        rng = np.random.default_rng(HELD_OUT_SEED + 7)
+        captions = [random_scene(rng, components.native_size).caption() for _ in range(8)]
+        pictures = sample_from_noise(components, [""] * 8 + captions, device=device)
+        grid(pictures, 8).save(grid_path)
+        log(f"samples from noise: {grid_path}")
+        report.update(grid=str(grid_path), grid_prompts=[""] * 8 + captions)
     vae = vae_psnr(components, scenes)
     log(f"VAE reconstruction: mean PSNR {statistics.fmean(vae):.2f} dB on {scenes} held-out scenes")
     trips = round_trip_psnr(components, round_trips, device=device)
     log(f"round trip (LoRA, strength 0.7, no drag): mean PSNR {statistics.fmean(trips):.2f} dB")
-    report = {"vae_psnr_mean": round(statistics.fmean(vae), 2), "vae_psnr_min": round(min(vae), 2),
-              "round_trip_psnr_mean": round(statistics.fmean(trips), 2),
-              "round_trip_psnr_min": round(min(trips), 2), "scenes": scenes, "round_trips": round_trips}
+    report.update(vae_psnr_mean=round(statistics.fmean(vae), 2), vae_psnr_min=round(min(vae), 2),
+                  round_trip_psnr_mean=round(statistics.fmean(trips), 2), round_trip_psnr_min=round(min(trips), 2),
+                  scenes=scenes, round_trips=round_trips)
     if tracking_cases:
         tracking = feature_tracking(components, tracking_cases, device=device)
         report["tracking_cases"] = tracking_cases
@@ -177,13 +186,6 @@ def measure_scene_model(components: SDComponents, scenes: int = 100, round_trips
             report["tracking_error"][str(strength)] = {"median": round(median, 3), "mean": round(mean, 3)}
             log(f"feature tracking at strength {strength}: error / drag length median {median:.2f}, mean {mean:.2f} "
                 f"({len(errors)} drags; 0 finds the moved object, 1 is no better than not moving)")
-    if grid_path is not None:
-        rng = np.random.default_rng(HELD_OUT_SEED + 7)
-        captions = [random_scene(rng, components.native_size).caption() for _ in range(8)]
-        pictures = sample_from_noise(components, [""] * 8 + captions, device=device)
-        grid(pictures, 8).save(grid_path)
-        report["grid"] = str(grid_path)
-        report["grid_prompts"] = [""] * 8 + captions
     return report
 
 
