@@ -221,7 +221,7 @@ def train_unet(components: SDComponents, latents: torch.Tensor, token_ids: torch
         log(f"UNet: resuming at step {step} of {plan.unet_steps}")
     alphas_cumprod = noise_schedule().to(device)
     empty_ids = _empty_prompt_ids(components.tokenizer, plan.spec.text_length)
-    averaging = _EmaPairs(ema, unet)
+    averaging = _MovingAverage(ema, unet)
     started = time.perf_counter() - seconds
     while step < plan.unet_steps:
         batch = _draw_unet_batch(plan, step, latents, token_ids, empty_ids, len(alphas_cumprod))
@@ -268,7 +268,7 @@ def _unet_step(unet, text_encoder, optimiser, alphas_cumprod: torch.Tensor, batc
     optimiser.step()
 
 
-class _EmaPairs:
+class _MovingAverage:
     """The moving average ``ema`` (name -> tensor) of ``model``'s weights, updated by batched operations: the
     UNet has 686 tensors, so one operation each would launch about 1,400 GPU kernels a step (on the CPU the
     batched form takes about half the time; the results are the same to the bit)."""
@@ -294,7 +294,7 @@ def unet_step_seconds(plan: TrainingPlan, device, steps: int = 10, warmup: int =
     components = build_scene_components(plan.spec, seed=plan.seed)
     unet, text_encoder = components.unet.to(device).train().requires_grad_(True), components.text_encoder.to(device)
     ema = {name: value.detach().clone() for name, value in unet.state_dict().items()}
-    averaging = _EmaPairs(ema, unet)
+    averaging = _MovingAverage(ema, unet)
     optimiser = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=0.01)
     alphas_cumprod = noise_schedule().to(device)
     side = plan.spec.native_size // 8
