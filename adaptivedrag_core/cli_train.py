@@ -1,7 +1,8 @@
 """``train-scenes``: train the scene model (:mod:`scene_training`), resumable.
 
     python -m adaptivedrag_core train-scenes [--out DIR] [--device cpu|cuda] [--seed 0]
-        [--scenes N] [--vae-steps N] [--unet-steps N | --unet-seconds S] [--vae-batch N] [--unet-batch N]
+        [--scenes N] [--vae-steps N | --vae-seconds S] [--unet-steps N | --unet-seconds S] [--vae-batch N]
+        [--unet-batch N]
         [--unet-lr LR] [--checkpoint-every N] [--size 128]
 
 The defaults reproduce the shipped model (``adaptivedrag_core/scene_model``). Run it again with the same
@@ -27,15 +28,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--scenes", type=int, default=defaults.scenes, help=f"training scenes (default {defaults.scenes})")
-    p.add_argument("--vae-steps", type=int, default=defaults.vae_steps,
-                   help=f"VAE steps (default {defaults.vae_steps})")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--unet-steps", type=int, default=defaults.unet_steps,
-                       help=f"UNet steps (default {defaults.unet_steps})")
-    steps.add_argument("--unet-seconds", type=float,
-                       help="instead of --unet-steps: as many UNet steps as fill about this many seconds, from a "
-                       "step timed on this device before training (for a GPU call of limited time; the log gives "
-                       "the --unet-steps that plans the same run, and a rerun in the same --out keeps the count)")
+    for stage, name in (("vae", "VAE"), ("unet", "UNet")):
+        steps = p.add_mutually_exclusive_group()
+        default = getattr(defaults, f"{stage}_steps")
+        steps.add_argument(f"--{stage}-steps", type=int, default=default, help=f"{name} steps (default {default})")
+        steps.add_argument(f"--{stage}-seconds", type=float,
+                           help=f"instead of --{stage}-steps: as many {name} steps as fill about this many seconds, "
+                           "from a step timed on this device before training (for a GPU call of limited time; the "
+                           f"log gives the --{stage}-steps that plans the same run, and a rerun in the same --out "
+                           "keeps the count)")
     p.add_argument("--vae-batch", type=int, default=defaults.vae_batch,
                    help=f"crops per VAE step (default {defaults.vae_batch}; a GPU is better used with more)")
     p.add_argument("--unet-batch", type=int, default=defaults.unet_batch,
@@ -56,13 +57,16 @@ def run_train(args) -> int:
     import torch
 
     from .errors import InputError
-    from .scene_training import TrainingPlan, fit_unet_steps, train_scene_model
+    from .scene_training import TrainingPlan, fit_steps, train_scene_model
 
     for name in ("scenes", "vae_steps", "unet_steps", "vae_batch", "unet_batch", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.unet_seconds is not None and not args.unet_seconds > 0:
-        raise InputError(f"--unet-seconds must be above 0, got {args.unet_seconds}")
+    seconds = {stage: getattr(args, f"{stage}_seconds") for stage in ("vae", "unet")
+               if getattr(args, f"{stage}_seconds") is not None}
+    for stage, budget in seconds.items():
+        if not budget > 0:
+            raise InputError(f"--{stage}-seconds must be above 0, got {budget}")
     if not args.unet_lr > 0:
         raise InputError(f"--unet-lr must be above 0, got {args.unet_lr}")
     if args.size < 64 or args.size % 64:
@@ -75,7 +79,7 @@ def run_train(args) -> int:
                    vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
                    checkpoint_every=args.checkpoint_every,
                    spec=replace(defaults.spec, native_size=args.size))
-    if args.unet_seconds is not None:
-        plan = fit_unet_steps(args.out, plan, args.unet_seconds, args.device)
+    if seconds:
+        plan = fit_steps(args.out, plan, seconds, args.device)
     train_scene_model(args.out, plan, device=args.device)
     return 0

@@ -41,6 +41,7 @@ from .scenes import scene_set
 
 CHECKPOINT_FILES = {"vae": "vae.pt", "unet": "unet.pt"}
 _STAGE_SEEDS = {"vae": 1, "unet": 2}
+_STAGE_WORDS = {"vae": ("VAE", "crops"), "unet": ("UNet", "latents")}  # for the log: a stage and what it batches
 
 
 @dataclass(frozen=True)
@@ -156,27 +157,11 @@ def train_vae(vae, images: np.ndarray, out_dir: Path, plan: TrainingPlan, device
     step, seconds = _resume(checkpoint_file, {"model": vae, "optimiser": optimiser})
     if step:
         log(f"VAE: resuming at step {step} of {plan.vae_steps}")
-    size, crop = plan.spec.native_size, plan.vae_crop
     started = time.perf_counter() - seconds
     while step < plan.vae_steps:
-        generator = _step_generator(plan.seed, "vae", step)
-        index = torch.randint(0, len(images), (plan.vae_batch,), generator=generator).numpy()
-        # Crops start on the 8-pixel latent grid, so the encoder sees cells as it will on whole images.
-        left, top = (torch.randint(0, (size - crop) // 8 + 1, (2,), generator=generator) * 8).tolist()
-        batch = _to_pixels(images[np.sort(index), top:top + crop, left:left + crop])
-        flip = torch.rand(plan.vae_batch, generator=generator) < 0.5
-        batch[flip] = batch[flip].flip(-1)
-        batch = batch.to(device)
+        batch = _draw_vae_batch(plan, step, images)
         _set_lr(optimiser, plan.vae_lr, step, plan.vae_steps, plan.warmup_steps)
-        posterior = vae.encode(batch).latent_dist
-        # Decoded from the mean, as the edit encodes: sampling the posterior (log-variance 0 at the start) would
-        # bury the code in noise for most of a short training.
-        reconstruction = vae.decode(posterior.mean).sample
-        error = reconstruction - batch
-        loss = error.pow(2).mean() + 0.1 * error.abs().mean() + 1e-6 * posterior.kl().mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        _vae_step(vae, optimiser, batch, device)
         step += 1
         if step % plan.checkpoint_every == 0 or step == plan.vae_steps:
             _save(checkpoint_file, {"model": vae, "optimiser": optimiser}, step, time.perf_counter() - started)
@@ -184,6 +169,33 @@ def train_vae(vae, images: np.ndarray, out_dir: Path, plan: TrainingPlan, device
             progress(step, plan.vae_steps)
     vae.eval().requires_grad_(False)
     return _saved_seconds(checkpoint_file)
+
+
+def _draw_vae_batch(plan: TrainingPlan, step: int, images: np.ndarray) -> torch.Tensor:
+    """Step ``step``'s crops [B, 3, C, C] in [-1, 1], from the step's own generator."""
+    generator = _step_generator(plan.seed, "vae", step)
+    index = torch.randint(0, len(images), (plan.vae_batch,), generator=generator).numpy()
+    size, crop = plan.spec.native_size, plan.vae_crop
+    # Crops start on the 8-pixel latent grid, so the encoder sees cells as it will on whole images.
+    left, top = (torch.randint(0, (size - crop) // 8 + 1, (2,), generator=generator) * 8).tolist()
+    batch = _to_pixels(images[np.sort(index), top:top + crop, left:left + crop])
+    flip = torch.rand(plan.vae_batch, generator=generator) < 0.5
+    batch[flip] = batch[flip].flip(-1)
+    return batch
+
+
+def _vae_step(vae, optimiser, batch: torch.Tensor, device) -> None:
+    """One optimiser step of reconstruction (MSE + 0.1 L1, a whisper of KL) on a drawn batch."""
+    batch = batch.to(device)
+    posterior = vae.encode(batch).latent_dist
+    # Decoded from the mean, as the edit encodes: sampling the posterior (log-variance 0 at the start) would
+    # bury the code in noise for most of a short training.
+    reconstruction = vae.decode(posterior.mean).sample
+    error = reconstruction - batch
+    loss = error.pow(2).mean() + 0.1 * error.abs().mean() + 1e-6 * posterior.kl().mean()
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
 
 
 def encode_dataset(vae, images: np.ndarray, out_dir: Path, device, progress=None,
@@ -288,50 +300,72 @@ class _MovingAverage:
                 average.copy_(value)
 
 
-def unet_step_seconds(plan: TrainingPlan, device, steps: int = 10, warmup: int = 3) -> float:
-    """Median seconds of a UNet training step of ``plan`` on ``device`` (its batch, size and widths; the moving
-    average included), timed on a fresh model and random latents, after ``warmup`` untimed steps."""
+def step_seconds(plan: TrainingPlan, stage: str, device, steps: int = 10, warmup: int = 3) -> float:
+    """Median seconds of a training step of ``stage`` ("vae" or "unet") of ``plan`` on ``device`` (its batch, size
+    and widths; the UNet's moving average included), timed on a fresh model and random data, after ``warmup``
+    untimed steps."""
     components = build_scene_components(plan.spec, seed=plan.seed)
-    unet, text_encoder = components.unet.to(device).train().requires_grad_(True), components.text_encoder.to(device)
-    ema = {name: value.detach().clone() for name, value in unet.state_dict().items()}
-    averaging = _MovingAverage(ema, unet)
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=0.01)
-    alphas_cumprod = noise_schedule().to(device)
-    side = plan.spec.native_size // 8
-    latents = torch.randn(plan.unet_batch, 4, side, side, generator=torch.Generator().manual_seed(plan.seed))
-    empty_ids = _empty_prompt_ids(components.tokenizer, plan.spec.text_length)
-    token_ids = empty_ids.expand(plan.unet_batch, -1)
+    random = torch.Generator().manual_seed(plan.seed)
+    if stage == "vae":
+        vae = components.vae.to(device).train().requires_grad_(True)
+        optimiser = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
+        size = plan.spec.native_size
+        images = torch.randint(0, 256, (plan.vae_batch, size, size, 3), generator=random, dtype=torch.uint8).numpy()
+
+        def one_step(step):
+            _vae_step(vae, optimiser, _draw_vae_batch(plan, step, images), device)
+    else:
+        unet = components.unet.to(device).train().requires_grad_(True)
+        text_encoder = components.text_encoder.to(device)
+        averaging = _MovingAverage({name: value.detach().clone() for name, value in unet.state_dict().items()}, unet)
+        optimiser = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=0.01)
+        alphas_cumprod = noise_schedule().to(device)
+        side = plan.spec.native_size // 8
+        latents = torch.randn(plan.unet_batch, 4, side, side, generator=random)
+        empty_ids = _empty_prompt_ids(components.tokenizer, plan.spec.text_length)
+        token_ids = empty_ids.expand(plan.unet_batch, -1)
+
+        def one_step(step):
+            batch = _draw_unet_batch(plan, step, latents, token_ids, empty_ids, len(alphas_cumprod))
+            _unet_step(unet, text_encoder, optimiser, alphas_cumprod, batch, device, plan.min_snr_gamma)
+            averaging.update(plan.ema_decay)
     times = []
     for step in range(warmup + steps):
         _synchronise(device)
         start = time.perf_counter()
-        batch = _draw_unet_batch(plan, step, latents, token_ids, empty_ids, len(alphas_cumprod))
-        _unet_step(unet, text_encoder, optimiser, alphas_cumprod, batch, device, plan.min_snr_gamma)
-        averaging.update(plan.ema_decay)
+        one_step(step)
         _synchronise(device)
         times.append(time.perf_counter() - start)
     return float(np.median(times[warmup:]))
 
 
-def fit_unet_steps(out_dir, plan: TrainingPlan, seconds: float, device, log: Callable[[str], None] = print
-                   ) -> TrainingPlan:
-    """``plan`` with as many UNet steps as fill about ``seconds`` on ``device`` (:func:`unet_step_seconds`).
+def fit_steps(out_dir, plan: TrainingPlan, seconds: dict[str, float], device,
+              log: Callable[[str], None] = print) -> TrainingPlan:
+    """``plan`` with as many steps of each stage in ``seconds`` (stage -> seconds) as fill its time on ``device``
+    (:func:`step_seconds`).
 
-    A folder that already holds this plan, with whatever step count, keeps its count: a rerun resumes it
-    rather than measuring again and being refused as another plan.
+    A folder that already holds this plan, with whatever step counts for those stages, keeps its counts: a rerun
+    resumes it rather than measuring again and being refused as another plan.
     """
     plan_file = Path(out_dir) / "plan.json"
     if plan_file.is_file():
         text = plan_file.read_text(encoding="utf-8")
-        saved = replace(plan, unet_steps=int(json.loads(text)["unet_steps"]))
+        saved_plan = json.loads(text)
+        saved = replace(plan, **{f"{stage}_steps": int(saved_plan[f"{stage}_steps"]) for stage in seconds})
         if json.dumps(saved.info(), sort_keys=True) == text:
-            log(f"UNet: {saved.unet_steps} steps, as the run in {out_dir} was planned")
+            counts = ", ".join(f"{getattr(saved, f'{stage}_steps')} {_STAGE_WORDS[stage][0]} steps"
+                               for stage in seconds)
+            log(f"{counts}, as the run in {out_dir} was planned")
             return saved
-    step_seconds = unet_step_seconds(plan, torch.device(device))
-    steps = max(1, int(seconds / step_seconds))
-    log(f"UNet: {step_seconds:.3f} s a step of {plan.unet_batch} latents on {device}, so {steps} steps for "
-        f"{seconds:g} s (--unet-steps {steps} plans the same run)")
-    return replace(plan, unet_steps=steps)
+    for stage, budget in seconds.items():
+        seconds_a_step = step_seconds(plan, stage, torch.device(device))
+        steps = max(1, int(budget / seconds_a_step))
+        name, items = _STAGE_WORDS[stage]
+        batch = getattr(plan, f"{stage}_batch")
+        log(f"{name}: {seconds_a_step:.3f} s a step of {batch} {items} on {device}, so {steps} steps for {budget:g} s "
+            f"(--{stage}-steps {steps} plans the same run)")
+        plan = replace(plan, **{f"{stage}_steps": steps})
+    return plan
 
 
 def _synchronise(device) -> None:

@@ -2,12 +2,14 @@
 # Train the scene model on a lent GPU machine in one call of the device tool, measure it, and bring it back.
 #
 #   scripts/device_train_scenes.sh [train-scenes options...]
-#   e.g. --size 256 --vae-batch 16 --unet-batch 128 --unet-seconds 240 --checkpoint-every 1000
+#   e.g. --size 256 --vae-batch 16 --unet-batch 128 --vae-seconds 120 --unet-seconds 240 --checkpoint-every 1000
 #
-# The call has 10 minutes (the device's limit): --unet-seconds gives the UNet a share of them, its step timed on
-# the device before training (train.log gives the --unet-steps that plans the same run), and the benchmark gets
-# what is left of SCENE_CALL_SECONDS (default 570) once the model is packed; a benchmark cut short still leaves
-# the model and the logs in $OUT, and `bench scene-model --model DIR` can measure the model elsewhere.
+# The call has 10 minutes (the device's limit): --vae-seconds and --unet-seconds give each stage a share of them,
+# its step timed on the device before training (train.log gives the --vae-steps and --unet-steps that plan the same
+# run); rendering and encoding the scenes comes on top (on 16 cores, estimated at a minute or two, not measured).
+# The benchmark gets what is left of SCENE_CALL_SECONDS (default 570) once the model is packed; a benchmark cut
+# short still leaves the model and the logs in $OUT, and `bench scene-model --model DIR` can measure the model
+# elsewhere.
 #
 # Run from the repository root, where the device tool runs commands. Everything comes back through $OUT, within
 # its limits (8 files, 16 MiB each): train.log, bench.log, scene-model.json (`bench scene-model`'s report),

@@ -100,34 +100,43 @@ def test_train_scenes_builds_its_plan_from_the_command_line(monkeypatch, tmp_pat
     assert len(runs) == 1
 
 
-def test_unet_seconds_become_the_steps_a_timed_step_allows_and_a_rerun_keeps_them(monkeypatch, tmp_path):
+def test_seconds_become_the_steps_a_timed_step_allows_and_a_rerun_keeps_them(monkeypatch, tmp_path):
     lines = []
-    step_seconds = scene_training.unet_step_seconds(TINY_PLAN, torch.device("cpu"), steps=2, warmup=1)
-    assert 0 < step_seconds < 60
-    monkeypatch.setattr(scene_training, "unet_step_seconds", lambda plan, device: 0.25)
-    plan = scene_training.fit_unet_steps(tmp_path, TINY_PLAN, 10, "cpu", log=lines.append)
-    assert plan == replace(TINY_PLAN, unet_steps=40)
-    assert "--unet-steps 40" in lines[-1]
+    for stage in ("vae", "unet"):
+        assert 0 < scene_training.step_seconds(TINY_PLAN, stage, torch.device("cpu"), steps=2, warmup=1) < 60
+    monkeypatch.setattr(scene_training, "step_seconds", lambda plan, stage, device: {"vae": 0.5, "unet": 0.25}[stage])
+    plan = scene_training.fit_steps(tmp_path, TINY_PLAN, {"vae": 10, "unet": 10}, "cpu", log=lines.append)
+    assert plan == replace(TINY_PLAN, vae_steps=20, unet_steps=40)
+    assert "--vae-steps 20" in lines[-2] and "--unet-steps 40" in lines[-1]
+    assert scene_training.fit_steps(tmp_path, TINY_PLAN, {"unet": 10}, "cpu", log=lines.append) == replace(
+        TINY_PLAN, unet_steps=40)
     train_scene_model(tmp_path, replace(plan, unet_steps=3, vae_steps=1), progress_factory=_silent, log=lines.append)
     # Another plan in the folder: measured again (and training would refuse the folder, as without the option).
-    assert scene_training.fit_unet_steps(tmp_path, TINY_PLAN, 10, "cpu", log=lines.append).unet_steps == 40
+    assert scene_training.fit_steps(tmp_path, TINY_PLAN, {"unet": 10}, "cpu", log=lines.append).unet_steps == 40
     other = tmp_path / "other"
-    train_scene_model(other, replace(TINY_PLAN, unet_steps=3), progress_factory=_silent, log=lines.append)
-    monkeypatch.setattr(scene_training, "unet_step_seconds", lambda plan, device: 0.01)
-    # The same plan but for its step count: the folder's count is kept, so the run resumes rather than restarts.
-    assert scene_training.fit_unet_steps(other, TINY_PLAN, 10, "cpu", log=lines.append).unet_steps == 3
-    assert "3 steps, as the run in" in lines[-1]
+    train_scene_model(other, replace(TINY_PLAN, vae_steps=2, unet_steps=3), progress_factory=_silent,
+                      log=lines.append)
+    monkeypatch.setattr(scene_training, "step_seconds", lambda plan, stage, device: 0.01)
+    # The same plan but for its step counts: the folder's counts are kept, so the run resumes rather than restarts.
+    kept = scene_training.fit_steps(other, TINY_PLAN, {"vae": 10, "unet": 10}, "cpu", log=lines.append)
+    assert (kept.vae_steps, kept.unet_steps) == (2, 3)
+    assert "2 VAE steps, 3 UNet steps, as the run in" in lines[-1]
+    # Only the stages given are fitted: a folder whose VAE count differs from the plan's is another plan.
+    assert scene_training.fit_steps(other, TINY_PLAN, {"unet": 10}, "cpu", log=lines.append).unet_steps == 1000
 
 
-def test_train_scenes_takes_unet_seconds_instead_of_steps(monkeypatch, tmp_path, capsys):
+def test_train_scenes_takes_seconds_instead_of_steps(monkeypatch, tmp_path, capsys):
     runs = []
     monkeypatch.setattr(scene_training, "train_scene_model", lambda out, plan, device: runs.append(plan))
-    monkeypatch.setattr(scene_training, "unet_step_seconds", lambda plan, device: 0.1)
+    monkeypatch.setattr(scene_training, "step_seconds", lambda plan, stage, device: {"vae": 0.2, "unet": 0.1}[stage])
     assert main(["train-scenes", "--out", str(tmp_path), "--unet-seconds", "30", "--unet-batch", "64"]) == 0
     assert runs == [replace(TrainingPlan(), unet_steps=300, unet_batch=64)]
-    with pytest.raises(SystemExit):
-        main(["train-scenes", "--out", str(tmp_path), "--unet-seconds", "30", "--unet-steps", "10"])
-    assert "not allowed with argument" in capsys.readouterr().err
-    assert main(["train-scenes", "--out", str(tmp_path), "--unet-seconds", "0"]) == 2
-    assert "--unet-seconds must be above 0" in capsys.readouterr().err
-    assert len(runs) == 1
+    assert main(["train-scenes", "--out", str(tmp_path / "both"), "--vae-seconds", "30", "--unet-seconds", "60"]) == 0
+    assert runs[-1] == replace(TrainingPlan(), vae_steps=150, unet_steps=600)
+    for stage in ("vae", "unet"):
+        with pytest.raises(SystemExit):
+            main(["train-scenes", "--out", str(tmp_path), f"--{stage}-seconds", "30", f"--{stage}-steps", "10"])
+        assert "not allowed with argument" in capsys.readouterr().err
+        assert main(["train-scenes", "--out", str(tmp_path), f"--{stage}-seconds", "0"]) == 2
+        assert f"--{stage}-seconds must be above 0" in capsys.readouterr().err
+    assert len(runs) == 2
