@@ -362,7 +362,9 @@ def fit_steps(out_dir, plan: TrainingPlan, seconds: dict[str, float], device,
         steps = max(1, int(budget / seconds_a_step))
         name, items = _STAGE_WORDS[stage]
         batch = getattr(plan, f"{stage}_batch")
-        log(f"{name}: {seconds_a_step:.3f} s a step of {batch} {items} on {device}, so {steps} steps for {budget:g} s "
+        count = "1 step" if steps == 1 else f"{steps} steps"
+        over = ", though it takes longer than that" if seconds_a_step > budget else ""
+        log(f"{name}: {seconds_a_step:.3f} s a step of {batch} {items} on {device}, so {count} for {budget:g} s{over} "
             f"(--{stage}-steps {steps} plans the same run)")
         plan = replace(plan, **{f"{stage}_steps": steps})
     return plan

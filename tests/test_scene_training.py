@@ -123,6 +123,10 @@ def test_seconds_become_the_steps_a_timed_step_allows_and_a_rerun_keeps_them(mon
     assert "2 VAE steps, 3 UNet steps, as the run in" in lines[-1]
     # Only the stages given are fitted: a folder whose VAE count differs from the plan's is another plan.
     assert scene_training.fit_steps(other, TINY_PLAN, {"unet": 10}, "cpu", log=lines.append).unet_steps == 1000
+    # A stage whose step outlasts its time still takes one step, and the log says so.
+    monkeypatch.setattr(scene_training, "step_seconds", lambda plan, stage, device: 20.0)
+    assert scene_training.fit_steps(tmp_path / "slow", TINY_PLAN, {"vae": 10}, "cpu", log=lines.append).vae_steps == 1
+    assert "so 1 step for 10 s, though it takes longer than that" in lines[-1]
 
 
 def test_train_scenes_takes_seconds_instead_of_steps(monkeypatch, tmp_path, capsys):
