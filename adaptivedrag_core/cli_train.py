@@ -2,8 +2,7 @@
 
     python -m adaptivedrag_core train-scenes [--out DIR] [--device cpu|cuda] [--seed 0]
         [--scenes N] [--vae-steps N | --vae-seconds S] [--unet-steps N | --unet-seconds S] [--vae-batch N]
-        [--unet-batch N]
-        [--unet-lr LR] [--checkpoint-every N] [--size 128]
+        [--unet-batch N] [--unet-lr LR] [--checkpoint-every N] [--size 128]
 
 The defaults reproduce the shipped model (``adaptivedrag_core/scene_model``). Run it again with the same
 ``--out`` to resume after an interruption.

@@ -152,8 +152,7 @@ def train_vae(vae, images: np.ndarray, out_dir: Path, plan: TrainingPlan, device
               log: Callable[[str], None] = print) -> float:
     """Train (or resume, or skip when done) the VAE in place; returns the seconds spent in total."""
     checkpoint_file = out_dir / CHECKPOINT_FILES["vae"]
-    vae.to(device).train().requires_grad_(True)
-    optimiser = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
+    optimiser = _trainable(vae, "vae", plan, device)
     step, seconds = _resume(checkpoint_file, {"model": vae, "optimiser": optimiser})
     if step:
         log(f"VAE: resuming at step {step} of {plan.vae_steps}")
@@ -224,10 +223,9 @@ def train_unet(components: SDComponents, latents: torch.Tensor, token_ids: torch
     """Train (or resume, or skip when done) the UNet; leaves the moving average of its weights in it."""
     unet, text_encoder = components.unet, components.text_encoder
     checkpoint_file = out_dir / CHECKPOINT_FILES["unet"]
-    unet.to(device).train().requires_grad_(True)
+    optimiser = _trainable(unet, "unet", plan, device)
     text_encoder.to(device)
-    ema = {name: value.detach().clone() for name, value in unet.state_dict().items()}
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=0.01)
+    ema = _weights_copy(unet)
     step, seconds = _resume(checkpoint_file, {"model": unet, "optimiser": optimiser}, ema)
     if step:
         log(f"UNet: resuming at step {step} of {plan.unet_steps}")
@@ -307,18 +305,18 @@ def step_seconds(plan: TrainingPlan, stage: str, device, steps: int = 10, warmup
     components = build_scene_components(plan.spec, seed=plan.seed)
     random = torch.Generator().manual_seed(plan.seed)
     if stage == "vae":
-        vae = components.vae.to(device).train().requires_grad_(True)
-        optimiser = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
+        vae = components.vae
+        optimiser = _trainable(vae, "vae", plan, device)
         size = plan.spec.native_size
         images = torch.randint(0, 256, (plan.vae_batch, size, size, 3), generator=random, dtype=torch.uint8).numpy()
 
         def one_step(step):
             _vae_step(vae, optimiser, _draw_vae_batch(plan, step, images), device)
     else:
-        unet = components.unet.to(device).train().requires_grad_(True)
+        unet = components.unet
+        optimiser = _trainable(unet, "unet", plan, device)
         text_encoder = components.text_encoder.to(device)
-        averaging = _MovingAverage({name: value.detach().clone() for name, value in unet.state_dict().items()}, unet)
-        optimiser = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=0.01)
+        averaging = _MovingAverage(_weights_copy(unet), unet)
         alphas_cumprod = noise_schedule().to(device)
         side = plan.spec.native_size // 8
         latents = torch.randn(plan.unet_batch, 4, side, side, generator=random)
@@ -393,6 +391,19 @@ def _empty_prompt_ids(tokenizer, length: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ shared
+def _trainable(model: torch.nn.Module, stage: str, plan: TrainingPlan, device) -> torch.optim.Optimizer:
+    """Put ``model`` on ``device`` in training mode and return the stage's optimiser for it (AdamW; weight decay
+    on the UNet only)."""
+    model.to(device).train().requires_grad_(True)
+    lr, weight_decay = (plan.vae_lr, 0.0) if stage == "vae" else (plan.unet_lr, 0.01)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def _weights_copy(model: torch.nn.Module) -> dict:
+    """A detached copy of ``model``'s state (the moving average starts from it)."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
 def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + _STAGE_SEEDS[stage]) * 10_000_019 + step)
 
