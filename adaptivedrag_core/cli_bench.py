@@ -9,7 +9,7 @@
     python -m adaptivedrag_core bench scenes [--cases N] [--seed S] [--method M ...] [--variant NAME ...]
         [--out DIR] [--model DIR]
     python -m adaptivedrag_core bench scene-model [--model DIR] [--scenes 100] [--round-trips 10]
-        [--tracking-cases 12] [--grid PNG]
+        [--tracking-cases 12] [--transplant-cases 8] [--grid PNG] [--transplant-grid PNG]
 
 ``--model tiny-random`` (and ``--dift-model tiny-random``) stand in tiny random-weight models, for smoke tests:
 their edits are noise.
@@ -314,16 +314,21 @@ def run_scenes(args) -> int:
 
 def _add_scene_model_parser(commands) -> None:
     p = commands.add_parser("scene-model", help="the scene model's own quality (VAE, round trip, feature tracking, "
-                            "samples)",
+                            "latent transplant, samples)",
                             description="VAE reconstruction PSNR on held-out scenes, the invert-then-sample round "
                             "trip with the identity LoRA at strength 0.7, whether the drag's features find a moved "
-                            "object (feature tracking), and a grid of samples from noise.")
+                            "object (feature tracking), whether an object moved by hand in the inverted latent is "
+                            "drawn where it went (latent transplant), and a grid of samples from noise.")
     p.add_argument("--model", help="scene model folder (default: the one shipped in the package)")
     p.add_argument("--scenes", type=int, default=100, help="held-out scenes for the VAE (default 100)")
     p.add_argument("--round-trips", type=int, default=10, help="held-out scenes for the round trip (default 10)")
     p.add_argument("--tracking-cases", type=int, default=12,
                    help="held-out drag cases for feature tracking (default 12; 0 skips it)")
+    p.add_argument("--transplant-cases", type=int, default=8,
+                   help="held-out drag cases for the latent transplant (default 8; 0 skips it)")
     p.add_argument("--grid", help="write the grid of samples from noise to this PNG")
+    p.add_argument("--transplant-grid", help="write the latent transplant's pictures at strength 0.7 to this PNG "
+                   "(per case: the scene, the transplant, the half-way latent, the ground truth)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(run=run_scene_model)
@@ -336,11 +341,12 @@ def run_scene_model(args) -> int:
     _check_device(args.device)
     if args.scenes < 1 or args.round_trips < 1:
         raise InputError("--scenes and --round-trips must be at least 1")
-    if args.tracking_cases < 0:
-        raise InputError(f"--tracking-cases must be 0 or more, got {args.tracking_cases}")
+    if args.tracking_cases < 0 or args.transplant_cases < 0:
+        raise InputError("--tracking-cases and --transplant-cases must be 0 or more")
     out = _report_path(args.out)
     components = load_scene_model(args.model, device=args.device)
     report = measure_scene_model(components, args.scenes, args.round_trips, args.device, args.grid,
-                                 args.tracking_cases, log=lambda line: print(line, file=sys.stderr))
+                                 args.tracking_cases, args.transplant_cases, args.transplant_grid,
+                                 log=lambda line: print(line, file=sys.stderr))
     _print_report(report, out)
     return 0

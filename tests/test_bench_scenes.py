@@ -3,11 +3,15 @@
 import json
 
 import pytest
+from PIL import Image
 
 from adaptivedrag_core.bench import scenes as bench_scenes
-from adaptivedrag_core.bench.scenes import NO_EDIT, SceneBenchConfig, run_scene_bench, summary_table
+from adaptivedrag_core.bench.scenes import (NO_EDIT, SceneBenchConfig, run_scene_bench, summary_table,
+                                            tracked_ratio)
+from adaptivedrag_core.cli import main
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.scene_model import load_scene_model
+from adaptivedrag_core.scenes import make_cases
 from adaptivedrag_core.scene_training import train_scene_model
 from test_scene_training import TINY_PLAN
 
@@ -16,10 +20,14 @@ QUICK = dict(cases=2, lora_steps=1, drag_steps=2, num_steps=4,
 
 
 @pytest.fixture(scope="module")
-def scene_model(tmp_path_factory):
-    folder = train_scene_model(tmp_path_factory.mktemp("model"), TINY_PLAN, progress_factory=lambda name: None,
-                               log=lambda line: None)
-    return load_scene_model(folder)
+def scene_model_folder(tmp_path_factory):
+    return train_scene_model(tmp_path_factory.mktemp("model"), TINY_PLAN, progress_factory=lambda name: None,
+                             log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def scene_model(scene_model_folder):
+    return load_scene_model(scene_model_folder)
 
 
 def _records(folder):
@@ -29,13 +37,19 @@ def _records(folder):
 def test_every_case_and_variant_is_scored_once_and_a_rerun_resumes(scene_model, tmp_path, monkeypatch):
     summary = run_scene_bench(SceneBenchConfig(**QUICK), scene_model, tmp_path, log=lambda line: None)
     records = _records(tmp_path)
+    cases = make_cases(2, SceneBenchConfig().seed, scene_model.native_size)
     assert sorted((r["case"], r["variant"]) for r in records) == sorted(
         (case, variant) for case in range(2) for variant in [NO_EDIT] + QUICK["variants"])
     edited = [r for r in records if r["variant"] != NO_EDIT]
     assert all(r["timings"]["drag"] > 0 and r["peak_memory_bytes"] > 0 for r in edited)
     assert all(0 <= r["iou"] <= 1 and r["md"] >= 0 for r in records)
+    for r in edited:  # where the optimiser left its handles, beside where the picture has the object
+        assert len(r["final_handles"]) == len(r["found"])
+        assert r["tracked_ratio"] == pytest.approx(tracked_ratio(cases[r["case"]], r["final_handles"]))
     assert [row["variant"] for row in summary["rows"]] == [NO_EDIT] + QUICK["variants"]
     table = summary_table(summary)
+    no_edit_row = table.splitlines()[2].split(" | ")
+    assert no_edit_row[0] == "| " + NO_EDIT and no_edit_row[3] == "–"  # nothing was tracked
     assert table.count("\n") == 2 + 3 - 1 and "adaptive + auto mask + CLoss" in table
     assert (tmp_path / "summary.md").read_text().strip() == table
 
@@ -85,3 +99,34 @@ def test_the_closs_kind_reaches_the_closs_variants_and_keeps_folders_apart(scene
     run_scene_bench(SceneBenchConfig(**{**QUICK, "cases": 1}), scene_model, tmp_path, log=lambda line: None)
     with pytest.raises(InputError, match="other settings"):
         run_scene_bench(SceneBenchConfig(**{**QUICK, "cases": 1, "closs_kind": "contrastive"}), scene_model, tmp_path)
+
+
+def test_the_tracked_ratio_is_the_handles_distance_to_its_target_per_drag_length():
+    case = make_cases(4, SceneBenchConfig().seed, 128)[2]  # "several": more than one pair
+    assert len(case.handles) > 1
+    assert tracked_ratio(case, case.targets) == pytest.approx(0.0)
+    assert tracked_ratio(case, case.handles) == pytest.approx(1.0)
+    halfway = [((hx + tx) / 2, (hy + ty) / 2) for (hx, hy), (tx, ty) in zip(case.handles, case.targets)]
+    assert tracked_ratio(case, halfway) == pytest.approx(0.5)
+
+
+def test_bench_scene_model_reports_every_figure_and_draws_its_samples(scene_model_folder, tmp_path, capsys):
+    report_file, grid_file = tmp_path / "report.json", tmp_path / "samples.png"
+    assert main(["bench", "scene-model", "--model", str(scene_model_folder), "--scenes", "2", "--round-trips", "1",
+                 "--tracking-cases", "1", "--transplant-cases", "2", "--grid", str(grid_file),
+                 "--transplant-grid", str(tmp_path / "transplant.png"), "--out", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert report["scenes"] == 2 and report["round_trips"] == 1 and report["transplant_cases"] == 2
+    assert set(report["tracking_error"]) == {"0.7", "0.5", "0.3"}
+    assert set(report["latent_transplant"]) == {"0.7", "0.5"}
+    for figures in report["latent_transplant"].values():
+        assert figures["drags"] >= 2 and 0 <= figures["halfway_kept"] <= figures["drags"]
+        assert 0 <= figures["iou_mean"] <= 1 and figures["md_per_drag_median"] >= 0
+    assert Image.open(grid_file).size == (8 * 64, 2 * 64)
+    assert Image.open(tmp_path / "transplant.png").size == (4 * 64, 2 * 64)  # a row per case
+    assert "half-way, the object is drawn at its start or its target in" in capsys.readouterr().err
+
+
+def test_bench_scene_model_refuses_a_negative_count(capsys):
+    assert main(["bench", "scene-model", "--transplant-cases", "-1"]) == 2
+    assert "--transplant-cases must be 0 or more" in capsys.readouterr().err

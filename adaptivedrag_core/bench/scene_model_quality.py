@@ -6,6 +6,9 @@
 - **feature tracking**: whether the drag's features (``up_blocks[2]`` at the inverted timestep) can find a dragged
   object where the ground truth put it, at several inversion strengths: the premise of motion supervision and
   point tracking, measured without any optimiser (:func:`feature_tracking`);
+- **latent transplant**: whether the inverted latent carries a dragged object locally, so that content moved in
+  z_t is drawn where it was moved: the premise of optimising z_t, measured without any optimiser
+  (:func:`latent_transplant`);
 - **samples**: a grid of pictures sampled from noise with DDIM, with the empty prompt and with captions.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -24,14 +28,16 @@ from ..images import prepare_image
 from ..inversion import ddim_invert, ddim_step, make_schedule, unet_noise_fn
 from ..models import SDComponents, encode_prompt
 from ..pipeline import DragPipeline, EditSettings
-from ..scenes import make_cases, random_scene, scene_set
-from .scene_metrics import psnr
+from ..scenes import DragCase, make_cases, random_scene, scene_set
+from .scene_metrics import psnr, score_case
 from .scenes import DEFAULT_CASE_SEED
 
 #: Held-out scenes: the training scenes come from seed 0's stream.
 HELD_OUT_SEED = 2000
 #: Inversion strengths at which :func:`feature_tracking` looks (0.7 is the papers').
 TRACKING_STRENGTHS = (0.7, 0.5, 0.3)
+#: Inversion strengths at which :func:`latent_transplant` looks (the first, the papers', is the one drawn).
+TRANSPLANT_STRENGTHS = (0.7, 0.5)
 
 
 def held_out_scenes(count: int, size: int, seed: int = HELD_OUT_SEED) -> list[np.ndarray]:
@@ -129,6 +135,111 @@ def feature_tracking(components: SDComponents, cases: int = 12, strengths=TRACKI
     return errors
 
 
+#: A drag's object counts as drawn at a place when found within this fraction of the drag's length of it.
+PLACE_TOLERANCE = 0.25
+
+
+@dataclass(frozen=True)
+class TransplantScores:
+    """What :func:`latent_transplant` finds, per drag (``md_per_drag``, ``halfway_kept``) or per case (``iou``).
+
+    Args:
+        md_per_drag: MD of the whole transplant divided by the drag's length (0: drawn at the target; 1: left
+            where it was).
+        iou: of the moved objects' footprints at their targets, whole transplant (1: drawn there whole).
+        halfway_kept: whether the half-way latent draws the object whole at its start or at its target (within
+            :data:`PLACE_TOLERANCE` of the drag's length); False means it is drawn nowhere near either.
+        pictures: per case, the decoded whole transplant and half-way latent ([S, S, 3] uint8 each).
+    """
+
+    md_per_drag: list
+    iou: list
+    halfway_kept: list
+    pictures: list
+
+
+@torch.no_grad()
+def latent_transplant(components: SDComponents, cases: int = 8, strengths=TRANSPLANT_STRENGTHS, device="cpu",
+                      seed: int = DEFAULT_CASE_SEED) -> dict[float, TransplantScores]:
+    """Move each dragged object in the inverted latent by hand, sample back, and score where it is drawn.
+
+    Each case's scene and its ground truth (the objects moved) are encoded and DDIM-inverted to the strength's
+    timestep (the empty prompt, no LoRA: the base model). The scene's z_t takes the ground truth's z_t on the
+    latent cells under the moved objects' old and new footprints (:func:`moved_cells`) and keeps its own
+    everywhere else; it is sampled back with DDIM, decoded, and scored like an edit
+    (:func:`~adaptivedrag_core.bench.scene_metrics.score_case`), from the picture only.
+
+    That latent is about the best a drag can reach: the object's content at the target and the background where
+    it was, nothing else changed. Drag methods optimise z_t and expect the sampler to draw what they moved in it
+    where they moved it; if this hand-made move is not drawn at the target, the latent does not carry the picture
+    locally and no optimiser will move the object (the model's fault). If it is drawn and a drag still fails, the
+    optimiser did not reach such a latent (the method's, or features it can match without moving anything).
+
+    An optimiser moves z_t a little at a time, so the sampler also meets latents part of the way there. The
+    half-way latent mixes the two on those cells with equal weights that keep the noise's variance (cos and sin
+    of 45 degrees); a model with a strong prior draws the object whole somewhere (where it was, or where it
+    went), one that erases it there will erase it during a drag too (``halfway_kept``).
+    """
+    size = components.native_size
+    noise_fn = unet_noise_fn(components.unet, encode_prompt(components, "", device=device))
+    drag_cases = make_cases(cases, seed, size)
+    latents = [(_encode(components, case.scene.render().image, device),
+                _encode(components, case.ground_truth().render().image, device)) for case in drag_cases]
+    scores = {}
+    for strength in strengths:
+        schedule = make_schedule(components.make_scheduler(), EditSettings().num_steps, strength)
+        scores[strength] = TransplantScores([], [], [], [])
+        for case, (scene, moved) in zip(drag_cases, latents):
+            cells = torch.from_numpy(moved_cells(case, scene.shape[-1])).to(device)
+            start, end = ddim_invert(noise_fn, scene, schedule), ddim_invert(noise_fn, moved, schedule)
+            whole_picture = _sample_picture(components, noise_fn, schedule, torch.where(cells, end, start))
+            half_picture = _sample_picture(components, noise_fn, schedule,
+                                           torch.where(cells, (start + end) * math.sqrt(0.5), start))
+            whole, half = score_case(case, whole_picture), score_case(case, half_picture)
+            for found, target, length in zip(whole.found, case.targets, case.drag_lengths()):
+                scores[strength].md_per_drag.append(math.dist(found, target) / max(length, 1.0))
+            scores[strength].halfway_kept.extend(drawn_at_start_or_target(case, half.found))
+            scores[strength].iou.append(whole.iou)
+            scores[strength].pictures.append((whole_picture, half_picture))
+    return scores
+
+
+def drawn_at_start_or_target(case: DragCase, found) -> list[bool]:
+    """Per drag, whether the object ``found`` (where :func:`score_case` found it) is at its start or its target,
+    within :data:`PLACE_TOLERANCE` of the drag's length."""
+    return [min(math.dist(position, handle), math.dist(position, target)) <= PLACE_TOLERANCE * length
+            for position, handle, target, length in zip(found, case.handles, case.targets, case.drag_lengths())]
+
+
+def transplant_grid(cases: list[DragCase], pictures: list) -> Image.Image:
+    """One row per case: the scene, the whole transplant, the half-way latent, the ground truth."""
+    rows = [[case.scene.render().image, whole, half, case.ground_truth().render().image]
+            for case, (whole, half) in zip(cases, pictures)]
+    return grid([picture for row in rows for picture in row], 4)
+
+
+def _sample_picture(components: SDComponents, noise_fn, schedule, latent: torch.Tensor) -> np.ndarray:
+    decoded = components.vae.decode(_sample_down(noise_fn, latent, schedule) / components.latent_scale)
+    return _to_uint8(decoded.sample)
+
+
+def moved_cells(case: DragCase, side: int) -> np.ndarray:
+    """[side, side] bool: the latent cells that any moved object's footprint touches, before or after its move."""
+    before, after = case.scene.render(), case.ground_truth().render()
+    cell = case.scene.size // side
+    pixels = np.zeros((case.scene.size, case.scene.size), bool)
+    for index in case.moved:
+        pixels |= before.footprint(index) | after.footprint(index)
+    return pixels.reshape(side, cell, side, cell).any(axis=(1, 3))
+
+
+def _sample_down(noise_fn, latent: torch.Tensor, schedule) -> torch.Tensor:
+    """DDIM sampling from ``schedule.start_timestep`` down to the clean latent."""
+    for timestep in schedule.timesteps:
+        latent = ddim_step(latent, noise_fn(latent, timestep), schedule, timestep, schedule.previous(timestep))
+    return latent
+
+
 def _encode(components: SDComponents, picture: np.ndarray, device) -> torch.Tensor:
     pixels = torch.from_numpy(picture).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
     return components.vae.encode(pixels).latent_dist.mean * components.latent_scale
@@ -146,9 +257,7 @@ def sample_from_noise(components: SDComponents, prompts: list[str], num_steps: i
     for prompt in prompts:
         noise_fn = unet_noise_fn(unet, encode_prompt(components, prompt, device=device))
         latent = torch.randn(1, unet.config.in_channels, side, side, generator=generator).to(device)
-        for timestep in schedule.timesteps:
-            latent = ddim_step(latent, noise_fn(latent, timestep), schedule, timestep, schedule.previous(timestep))
-        decoded = components.vae.decode(latent / components.latent_scale).sample
+        decoded = components.vae.decode(_sample_down(noise_fn, latent, schedule) / components.latent_scale).sample
         pictures.append(_to_uint8(decoded))
     return pictures
 
@@ -159,9 +268,11 @@ def grid(pictures: list[np.ndarray], columns: int) -> Image.Image:
 
 
 def measure_scene_model(components: SDComponents, scenes: int = 100, round_trips: int = 10, device="cpu",
-                        grid_path=None, tracking_cases: int = 12, log: Callable[[str], None] = print) -> dict:
+                        grid_path=None, tracking_cases: int = 12, transplant_cases: int = 8,
+                        transplant_grid_path=None, log: Callable[[str], None] = print) -> dict:
     """Every figure of ``docs/quality.md``'s model section; writes the sample grid to ``grid_path`` if given,
-    first, since it is the quickest look at whether the model draws objects (a run cut short still has it)."""
+    first, since it is the quickest look at whether the model draws objects (a run cut short still has it), and
+    the latent transplant's pictures at the papers' strength to ``transplant_grid_path`` if given."""
     report = {}
     if grid_path is not None:
         rng = np.random.default_rng(HELD_OUT_SEED + 7)
@@ -186,6 +297,25 @@ def measure_scene_model(components: SDComponents, scenes: int = 100, round_trips
             report["tracking_error"][str(strength)] = {"median": round(median, 3), "mean": round(mean, 3)}
             log(f"feature tracking at strength {strength}: error / drag length median {median:.2f}, mean {mean:.2f} "
                 f"({len(errors)} drags; 0 finds the moved object, 1 is no better than not moving)")
+    if transplant_cases:
+        report["transplant_cases"] = transplant_cases
+        report["latent_transplant"] = {}
+        transplants = latent_transplant(components, transplant_cases, device=device)
+        if transplant_grid_path is not None:
+            cases = make_cases(transplant_cases, DEFAULT_CASE_SEED, components.native_size)
+            transplant_grid(cases, transplants[TRANSPLANT_STRENGTHS[0]].pictures).save(transplant_grid_path)
+            log(f"latent transplant pictures (scene, transplant, half-way, truth): {transplant_grid_path}")
+            report["transplant_grid"] = str(transplant_grid_path)
+        for strength, scores in transplants.items():
+            median, iou = statistics.median(scores.md_per_drag), statistics.fmean(scores.iou)
+            kept = sum(scores.halfway_kept)
+            report["latent_transplant"][str(strength)] = {"md_per_drag_median": round(median, 3),
+                                                          "iou_mean": round(iou, 3), "halfway_kept": kept,
+                                                          "drags": len(scores.halfway_kept)}
+            log(f"latent transplant at strength {strength}: MD / drag median {median:.2f}, IoU mean {iou:.2f} "
+                f"({len(scores.md_per_drag)} drags; MD / drag 0 with IoU 1: drawn at the target; MD / drag 1 with "
+                f"IoU 0: left where it was); half-way, the object is drawn at its start or its target in {kept} "
+                f"of {len(scores.halfway_kept)} drags (the others erase it)")
     return report
 
 

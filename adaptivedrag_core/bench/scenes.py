@@ -9,6 +9,11 @@ The *user mask* stands in for the hand-drawn mask of DragBench: the moved object
 the move, dilated by a few pixels. The *auto mask* is AdaptiveDrag's (SAM2 features when a checkpoint is given,
 else the Lab-colour fallback, as ``edit --mask auto`` does).
 
+Beside the scores from the picture, each edit records where the optimiser left its handles (``tracked``: the
+distance to the target per drag length, the method's own belief). A tracked handle at its target with the object
+not drawn there means the features were matched without the picture following; a tracked handle that never got
+near means the optimisation itself did not get there.
+
 Results go one line per (case, variant) to ``OUT/results.jsonl`` as they are made, so an interrupted run resumes
 where it stopped; the summary table is printed and written to ``OUT/summary.md`` and ``OUT/summary.json``.
 """
@@ -128,6 +133,13 @@ class SceneBenchConfig:
         return identity
 
 
+def tracked_ratio(case: DragCase, final_handles) -> float:
+    """Mean over pairs of the distance from where the optimiser left the handle to its target, per drag length
+    (0: the method believes it got there; 1: it did not move)."""
+    return float(np.mean([math.dist(end, target) / max(length, 1.0)
+                          for end, target, length in zip(final_handles, case.targets, case.drag_lengths())]))
+
+
 def user_mask(case: DragCase, margin: int = USER_MASK_MARGIN) -> np.ndarray:
     """A stand-in for a hand-drawn mask: the moved objects before and after, dilated by ``margin`` pixels."""
     return moved_footprints(case, case.scene.render(), case.ground_truth().render(), margin)
@@ -164,10 +176,12 @@ def run_scene_bench(config: SceneBenchConfig, components: SDComponents, out_dir,
             scores = score_case(case, np.asarray(result.image.convert("RGB")))
             record = _record(number, case, variant.name, scores, seconds=round(seconds, 3), timings=result.timings,
                              reused=result.reused, mask_seconds=mask_seconds, drag_steps=result.drag_steps,
-                             peak_memory_bytes=peak)
+                             peak_memory_bytes=peak, final_handles=[list(h) for h in result.final_handles],
+                             tracked_ratio=tracked_ratio(case, result.final_handles))
             records.append(_append(results_file, record))
             log(f"case {number} ({case.kind}) {variant.name}: MD {scores.md:.1f} px of "
-                f"{np.mean(case.drag_lengths()):.1f}, IoU {scores.iou:.2f}, outside PSNR {scores.outside_psnr:.1f} dB")
+                f"{np.mean(case.drag_lengths()):.1f}, IoU {scores.iou:.2f}, outside PSNR {scores.outside_psnr:.1f} dB, "
+                f"tracked handle / drag {record['tracked_ratio']:.2f}")
         pipeline.clear_cache()
     summary = summarise(records, [NO_EDIT] + [v.name for v in variants], config.cases)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -247,6 +261,8 @@ def summarise(records: list[dict], variant_names: list[str], cases: int) -> dict
         for key in ("md", "iou", "outside_psnr", "outside_mae", "gt_psnr"):
             row[key] = round(statistics.fmean(r[key] for r in mine), 3)
         row["md_ratio"] = round(statistics.fmean(r["md"] / r["drag_length"] for r in mine), 3)
+        tracked = [r["tracked_ratio"] for r in mine if "tracked_ratio" in r]
+        row["tracked_ratio"] = round(statistics.fmean(tracked), 3) if tracked else None
         for kind in CASE_KINDS:
             of_kind = [r["md"] for r in mine if r["kind"] == kind]
             row[f"md_{kind}"] = round(statistics.fmean(of_kind), 2) if of_kind else None
@@ -261,12 +277,14 @@ def summarise(records: list[dict], variant_names: list[str], cases: int) -> dict
 
 def summary_table(summary: dict) -> str:
     """The summary as a Markdown table."""
-    header = ("| variant | MD px | MD / drag | IoU | PSNR outside dB | MAE outside | PSNR vs truth dB | "
+    header = ("| variant | MD px | MD / drag | tracked / drag | IoU | PSNR outside dB | MAE outside | "
+              "PSNR vs truth dB | "
               + " | ".join(f"MD {kind}" for kind in CASE_KINDS) + " | drag s | sampling s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in summary["rows"]:
         kinds = " | ".join(_cell(row[f"md_{kind}"], 1) for kind in CASE_KINDS)
-        lines.append(f"| {row['variant']} | {row['md']:.2f} | {row['md_ratio']:.2f} | {row['iou']:.2f} | "
+        lines.append(f"| {row['variant']} | {row['md']:.2f} | {row['md_ratio']:.2f} | "
+                     f"{_cell(row.get('tracked_ratio'), 2)} | {row['iou']:.2f} | "
                      f"{_cell(row['outside_psnr'], 1)} | {row['outside_mae']:.2f} | {row['gt_psnr']:.1f} | {kinds} | "
                      f"{_cell(row.get('drag_s'), 1)} | {_cell(row.get('sampling_s'), 1)} |")
     return "\n".join(lines)
