@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from adaptivedrag_core.bench import scenes as bench_scenes
-from adaptivedrag_core.bench.scenes import (NO_EDIT, SceneBenchConfig, run_scene_bench, summary_table,
+from adaptivedrag_core.bench.scenes import (NO_EDIT, SceneBenchConfig, run_scene_bench, summarise, summary_table,
                                             tracked_ratio)
 from adaptivedrag_core.cli import main
 from adaptivedrag_core.errors import InputError
@@ -130,3 +130,20 @@ def test_bench_scene_model_reports_every_figure_and_draws_its_samples(scene_mode
 def test_bench_scene_model_refuses_a_negative_count(capsys):
     assert main(["bench", "scene-model", "--transplant-cases", "-1"]) == 2
     assert "--transplant-cases must be 0 or more" in capsys.readouterr().err
+
+
+def test_the_time_of_an_edit_counts_the_stages_its_case_shares_once_each():
+    def record(variant, inversion, reference, drag, mask_seconds=0.0):
+        return {"case": 0, "kind": "short", "variant": variant, "drag_length": 10.0, "md": 5.0, "iou": 0.5,
+                "outside_psnr": 30.0, "outside_mae": 2.0, "gt_psnr": 25.0, "peak_memory_bytes": 2**20,
+                "mask_seconds": mask_seconds, "timings": {"inversion": inversion, "reference": reference,
+                                                          "drag": drag, "sampling": 1.0, "decode": 0.1}}
+
+    records = [record("a", 10.0, 1.0, 2.0, mask_seconds=0.5),  # computed the shared stages
+               record("b", 0.001, 0.0, 3.0),  # reused them
+               record("c", 9.0, 0.9, 4.0)]  # computed them again after a resume: counted once, as the longest
+    rows = {row["variant"]: row for row in summarise(records, ["a", "b", "c"], cases=1)["rows"]}
+    assert rows["a"]["edit_s"] == pytest.approx(10 + 1 + 2 + 1 + 0.1 + 0.5)
+    assert rows["b"]["edit_s"] == pytest.approx(10 + 1 + 3 + 1 + 0.1)
+    assert rows["c"]["edit_s"] == pytest.approx(10 + 1 + 4 + 1 + 0.1)
+    assert rows["b"]["drag_s"] == 3.0 and rows["b"]["peak_memory_mib"] == 1

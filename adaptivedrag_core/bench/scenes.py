@@ -14,6 +14,11 @@ distance to the target per drag length, the method's own belief). A tracked hand
 not drawn there means the features were matched without the picture following; a tracked handle that never got
 near means the optimisation itself did not get there.
 
+Times: ``drag s`` and ``sampling s`` are each variant's own stages; ``edit s`` is what one edit of a new picture
+takes with it, the stages its case's variants share (LoRA, inversion, reference) counted in. ``peak MiB`` is the
+edit's peak allocated memory on CUDA; on the CPU it is the process's peak resident memory so far, which never goes
+down, so a row includes the rows run before it.
+
 Results go one line per (case, variant) to ``OUT/results.jsonl`` as they are made, so an interrupted run resumes
 where it stopped; the summary table is printed and written to ``OUT/summary.md`` and ``OUT/summary.json``.
 """
@@ -250,8 +255,21 @@ def _append(path: Path, record: dict) -> dict:
     return record
 
 
+#: The stages a case's variants share (computed by the first, reused by the rest): an edit of a new picture pays them.
+SHARED_STAGES = ("inversion", "reference")
+
+
 def summarise(records: list[dict], variant_names: list[str], cases: int) -> dict:
-    """Means per variant over the cases (and MD per case kind)."""
+    """Means per variant over the cases (and MD per case kind); medians of the times.
+
+    ``edit_s`` is what one edit of a new picture costs with the variant: the case's shared stages (the LoRA and
+    the inversion, the reference branch), timed where they were computed, plus the variant's own stages and mask.
+    """
+    shared = {}  # per case and stage, the time of the record that computed it (a resumed run may compute it again)
+    for r in records:
+        for stage in SHARED_STAGES:
+            key = (r["case"], stage)
+            shared[key] = max(shared.get(key, 0.0), r.get("timings", {}).get(stage, 0.0))
     rows = []
     for name in variant_names:
         mine = [r for r in records if r["variant"] == name and r["case"] < cases]
@@ -270,23 +288,30 @@ def summarise(records: list[dict], variant_names: list[str], cases: int) -> dict
         if timed:
             row["drag_s"] = round(statistics.median(r["timings"].get("drag", 0.0) for r in timed), 2)
             row["sampling_s"] = round(statistics.median(r["timings"].get("sampling", 0.0) for r in timed), 2)
+            row["edit_s"] = round(statistics.median(_fresh_edit_seconds(r, shared) for r in timed), 2)
             row["peak_memory_mib"] = round(max(r["peak_memory_bytes"] for r in timed) / 2**20)
         rows.append(row)
     return {"cases": cases, "rows": rows}
+
+
+def _fresh_edit_seconds(record: dict, shared: dict) -> float:
+    own = sum(seconds for stage, seconds in record["timings"].items() if stage not in SHARED_STAGES)
+    return own + record.get("mask_seconds", 0.0) + sum(shared[(record["case"], stage)] for stage in SHARED_STAGES)
 
 
 def summary_table(summary: dict) -> str:
     """The summary as a Markdown table."""
     header = ("| variant | MD px | MD / drag | tracked / drag | IoU | PSNR outside dB | MAE outside | "
               "PSNR vs truth dB | "
-              + " | ".join(f"MD {kind}" for kind in CASE_KINDS) + " | drag s | sampling s |")
+              + " | ".join(f"MD {kind}" for kind in CASE_KINDS) + " | drag s | sampling s | edit s | peak MiB |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in summary["rows"]:
         kinds = " | ".join(_cell(row[f"md_{kind}"], 1) for kind in CASE_KINDS)
         lines.append(f"| {row['variant']} | {row['md']:.2f} | {row['md_ratio']:.2f} | "
                      f"{_cell(row.get('tracked_ratio'), 2)} | {row['iou']:.2f} | "
                      f"{_cell(row['outside_psnr'], 1)} | {row['outside_mae']:.2f} | {row['gt_psnr']:.1f} | {kinds} | "
-                     f"{_cell(row.get('drag_s'), 1)} | {_cell(row.get('sampling_s'), 1)} |")
+                     f"{_cell(row.get('drag_s'), 1)} | {_cell(row.get('sampling_s'), 1)} | "
+                     f"{_cell(row.get('edit_s'), 1)} | {_cell(row.get('peak_memory_mib'), 0)} |")
     return "\n".join(lines)
 
 
