@@ -11,8 +11,8 @@ from adaptivedrag_core.bench.scenes import (NO_EDIT, SceneBenchConfig, run_scene
 from adaptivedrag_core.cli import main
 from adaptivedrag_core.errors import InputError
 from adaptivedrag_core.scene_model import load_scene_model
-from adaptivedrag_core.scenes import make_cases
 from adaptivedrag_core.scene_training import train_scene_model
+from adaptivedrag_core.scenes import make_cases
 from test_scene_training import TINY_PLAN
 
 QUICK = dict(cases=2, lora_steps=1, drag_steps=2, num_steps=4,

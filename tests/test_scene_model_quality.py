@@ -1,5 +1,4 @@
-"""``bench scene-model``'s feature tracking and latent transplant: the metrics themselves, and the shipped model at low
-noise."""
+"""``bench scene-model``'s feature tracking and latent transplant: the metrics themselves, and the shipped model."""
 
 import statistics
 

@@ -11,8 +11,9 @@ else the Lab-colour fallback, as ``edit --mask auto`` does).
 
 Beside the scores from the picture, each edit records where the optimiser left its handles (``tracked``: the
 distance to the target per drag length, the method's own belief). A tracked handle at its target with the object
-not drawn there means the features were matched without the picture following; a tracked handle that never got
-near means the optimisation itself did not get there.
+not drawn there means the method's tracking was misled (it searches near the handle's last position, so it follows
+whatever the optimiser did to the features there); a tracked handle that never got near means the optimisation
+itself did not get there.
 
 Times: ``drag s`` and ``sampling s`` are each variant's own stages; ``edit s`` is what one edit of a new picture
 takes with it, the stages its case's variants share (LoRA, inversion, reference) counted in. ``peak MiB`` is the
