@@ -196,7 +196,7 @@ def load_sd15(
     tokenizer_path=None,
     config_dir=None,
 ) -> SDComponents:
-    """Load an SD1.x model from local files only; nothing contacts a model hub.
+    """Load an SD1.x model from local files only; nothing is downloaded.
 
     Args:
         path: a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, optional ``tokenizer/``), or a

@@ -22,8 +22,8 @@
 #
 # The device image has no diffusers: carry its wheel (pure Python) in .whl, which .gitignore keeps out of git:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
-# and name .whl in the call's carry. That is the version the tests ran with; its hub-client dependency must be
-# 1.32 or newer, and the image had 1.33 when last listed. Nothing is downloaded: the run is made offline below.
+# and name .whl in the call's carry. That is the version the tests ran with; its own dependencies were all in the
+# image when last listed. Nothing is downloaded: every model is built or loaded from local files.
 #
 # Environment: PYTHON (default python3), SCENE_DEVICE (default cuda), SCENE_TRAINING_DIR (default
 # /tmp/scene-training), SCENE_CALL_SECONDS (default 570), SCENE_DRAG_SECONDS (default 120), SCENE_DRAG_CASES
@@ -42,8 +42,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# Every model here is built or loaded from local files; offline, any attempt to reach a hub fails loudly.
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$python" -c "import diffusers" 2>/dev/null || { echo "diffusers is missing: carry its wheel in .whl (see above)" >&2; exit 2; }
 
 logged() {  # logged LOG COMMAND...: run COMMAND, its whole output in LOG, all but progress redraws on stdout
