@@ -1,4 +1,5 @@
-"""DDIM schedule, the shared deterministic DDIM step, and DDIM inversion up to a chosen strength.
+"""DDIM schedule, the shared deterministic DDIM step, DDIM inversion up to a chosen strength and plain sampling
+back.
 
 With ``num_steps`` = 50 and ``strength`` = 0.7 the image is inverted through the 35 smallest timesteps of the
 50-step DDIM schedule (1, 21, ..., 681), and sampling later walks the same timesteps back down.
@@ -135,3 +136,12 @@ def ddim_invert(
         report(progress, i, len(ascending))
     return latent
 
+
+
+@torch.no_grad()
+def ddim_sample(noise_fn: NoiseFn, latent: torch.Tensor, schedule: DDIMSchedule) -> torch.Tensor:
+    """Plain deterministic DDIM sampling of z_t from ``schedule.start_timestep`` down to the clean latent (no
+    reference branch, no guidance): the way back of :func:`ddim_invert`."""
+    for timestep in schedule.timesteps:
+        latent = ddim_step(latent, noise_fn(latent, timestep), schedule, timestep, schedule.previous(timestep))
+    return latent

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from adaptivedrag_core.errors import InputError
-from adaptivedrag_core.inversion import ddim_invert, ddim_step, make_schedule, unet_noise_fn
+from adaptivedrag_core.inversion import ddim_invert, ddim_sample, ddim_step, make_schedule, unet_noise_fn
 from adaptivedrag_core.sampling import record_reference
 
 
@@ -34,6 +34,21 @@ def _reconstruction_error(tiny, text, num_steps):
     inverted = ddim_invert(unet_noise_fn(tiny.unet, text), clean, schedule)
     reconstruction = record_reference(tiny.unet, text, schedule, inverted).reconstruction
     return float((reconstruction - clean).norm() / clean.norm()), float((inverted - clean).norm() / clean.norm())
+
+
+def test_plain_sampling_walks_the_inversion_back_and_matches_the_reference_branch(tiny, empty_prompt):
+    torch.manual_seed(0)
+    schedule = make_schedule(tiny.make_scheduler(), 50, 0.7)
+    constant = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    clean = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    # With a noise prediction that does not depend on the latent, DDIM there and back is exact.
+    there = ddim_invert(lambda latent, t: constant, clean, schedule)
+    assert torch.allclose(ddim_sample(lambda latent, t: constant, there, schedule), clean)
+    # With the UNet, it is the same walk down as the reference branch's (which records attention beside it).
+    inverted = ddim_invert(unet_noise_fn(tiny.unet, empty_prompt), torch.randn(1, 4, 16, 16), schedule)
+    plain = ddim_sample(unet_noise_fn(tiny.unet, empty_prompt), inverted, schedule)
+    assert torch.allclose(plain, record_reference(tiny.unet, empty_prompt, schedule, inverted).reconstruction,
+                          atol=1e-5)
 
 
 def test_inversion_then_sampling_reconstructs_the_latent(tiny, empty_prompt):

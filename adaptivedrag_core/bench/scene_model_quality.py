@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..features import make_feature_fn
 from ..images import prepare_image
-from ..inversion import ddim_invert, ddim_step, make_schedule, unet_noise_fn
+from ..inversion import ddim_invert, ddim_sample, make_schedule, unet_noise_fn
 from ..models import SDComponents, encode_prompt
 from ..pipeline import DragPipeline, EditSettings
 from ..scenes import DragCase, make_cases, random_scene, scene_set
@@ -119,20 +119,26 @@ def feature_tracking(components: SDComponents, cases: int = 12, strengths=TRACKI
     feature_side = round(size * defaults.feature_scale)
     embeddings = encode_prompt(components, "", device=device)
     noise_fn = unet_noise_fn(components.unet, embeddings)
-    drag_cases = make_cases(cases, seed, size)
-    latents = [(_encode(components, case.scene.render().image, device),
-                _encode(components, case.ground_truth().render().image, device)) for case in drag_cases]
+    encoded = encoded_cases(components, cases, seed, device)
     errors = {}
     for strength in strengths:
         schedule = make_schedule(components.make_scheduler(), defaults.num_steps, strength)
         features = make_feature_fn(components.unet, embeddings, schedule, (feature_side, feature_side),
                                    defaults.feature_block, with_prediction=False)
         errors[strength] = []
-        for case, (scene, moved) in zip(drag_cases, latents):
+        for case, scene, moved in encoded:
             before = features.features_only(ddim_invert(noise_fn, scene, schedule))
             after = features.features_only(ddim_invert(noise_fn, moved, schedule))
             errors[strength] += tracking_error(before, after, case.handles, case.targets, size)
     return errors
+
+
+def encoded_cases(components: SDComponents, cases: int, seed: int, device
+                  ) -> list[tuple[DragCase, torch.Tensor, torch.Tensor]]:
+    """``cases`` held-out drag cases, each with the (scaled) latents of its scene and of its ground truth."""
+    return [(case, _encode(components, case.scene.render().image, device),
+             _encode(components, case.ground_truth().render().image, device))
+            for case in make_cases(cases, seed, components.native_size)]
 
 
 #: A drag's object counts as drawn at a place when found within this fraction of the drag's length of it.
@@ -149,7 +155,7 @@ class TransplantScores:
         iou: of the moved objects' footprints at their targets, whole transplant (1: drawn there whole).
         halfway_kept: whether the half-way latent draws the object whole at its start or at its target (within
             :data:`PLACE_TOLERANCE` of the drag's length); False means it is drawn nowhere near either.
-        pictures: per case, the decoded whole transplant and half-way latent ([S, S, 3] uint8 each).
+        pictures: per case, the row [scene, whole transplant, half-way latent, ground truth] ([S, S, 3] uint8 each).
     """
 
     md_per_drag: list
@@ -180,18 +186,15 @@ def latent_transplant(components: SDComponents, cases: int = 8, strengths=TRANSP
     of 45 degrees); a model with a strong prior draws the object whole somewhere (where it was, or where it
     went), one that erases it there will erase it during a drag too (``halfway_kept``).
     """
-    size = components.native_size
     noise_fn = unet_noise_fn(components.unet, encode_prompt(components, "", device=device))
-    drag_cases = make_cases(cases, seed, size)
-    latents = [(_encode(components, case.scene.render().image, device),
-                _encode(components, case.ground_truth().render().image, device)) for case in drag_cases]
+    encoded = encoded_cases(components, cases, seed, device)
     scores = {}
     for strength in strengths:
         schedule = make_schedule(components.make_scheduler(), EditSettings().num_steps, strength)
         scores[strength] = TransplantScores([], [], [], [])
-        for case, (scene, moved) in zip(drag_cases, latents):
-            cells = torch.from_numpy(moved_cells(case, scene.shape[-1])).to(device)
+        for case, scene, moved in encoded:
             start, end = ddim_invert(noise_fn, scene, schedule), ddim_invert(noise_fn, moved, schedule)
+            cells = torch.from_numpy(moved_cells(case, start.shape[-1])).to(device)
             whole_picture = _sample_picture(components, noise_fn, schedule, torch.where(cells, end, start))
             half_picture = _sample_picture(components, noise_fn, schedule,
                                            torch.where(cells, (start + end) * math.sqrt(0.5), start))
@@ -200,7 +203,8 @@ def latent_transplant(components: SDComponents, cases: int = 8, strengths=TRANSP
                 scores[strength].md_per_drag.append(math.dist(found, target) / max(length, 1.0))
             scores[strength].halfway_kept.extend(drawn_at_start_or_target(case, half.found))
             scores[strength].iou.append(whole.iou)
-            scores[strength].pictures.append((whole_picture, half_picture))
+            scores[strength].pictures.append([case.scene.render().image, whole_picture, half_picture,
+                                              case.ground_truth().render().image])
     return scores
 
 
@@ -211,15 +215,8 @@ def drawn_at_start_or_target(case: DragCase, found) -> list[bool]:
             for position, handle, target, length in zip(found, case.handles, case.targets, case.drag_lengths())]
 
 
-def transplant_grid(cases: list[DragCase], pictures: list) -> Image.Image:
-    """One row per case: the scene, the whole transplant, the half-way latent, the ground truth."""
-    rows = [[case.scene.render().image, whole, half, case.ground_truth().render().image]
-            for case, (whole, half) in zip(cases, pictures)]
-    return grid([picture for row in rows for picture in row], 4)
-
-
 def _sample_picture(components: SDComponents, noise_fn, schedule, latent: torch.Tensor) -> np.ndarray:
-    decoded = components.vae.decode(_sample_down(noise_fn, latent, schedule) / components.latent_scale)
+    decoded = components.vae.decode(ddim_sample(noise_fn, latent, schedule) / components.latent_scale)
     return _to_uint8(decoded.sample)
 
 
@@ -231,13 +228,6 @@ def moved_cells(case: DragCase, side: int) -> np.ndarray:
     for index in case.moved:
         pixels |= before.footprint(index) | after.footprint(index)
     return pixels.reshape(side, cell, side, cell).any(axis=(1, 3))
-
-
-def _sample_down(noise_fn, latent: torch.Tensor, schedule) -> torch.Tensor:
-    """DDIM sampling from ``schedule.start_timestep`` down to the clean latent."""
-    for timestep in schedule.timesteps:
-        latent = ddim_step(latent, noise_fn(latent, timestep), schedule, timestep, schedule.previous(timestep))
-    return latent
 
 
 def _encode(components: SDComponents, picture: np.ndarray, device) -> torch.Tensor:
@@ -257,8 +247,7 @@ def sample_from_noise(components: SDComponents, prompts: list[str], num_steps: i
     for prompt in prompts:
         noise_fn = unet_noise_fn(unet, encode_prompt(components, prompt, device=device))
         latent = torch.randn(1, unet.config.in_channels, side, side, generator=generator).to(device)
-        decoded = components.vae.decode(_sample_down(noise_fn, latent, schedule) / components.latent_scale).sample
-        pictures.append(_to_uint8(decoded))
+        pictures.append(_sample_picture(components, noise_fn, schedule, latent))
     return pictures
 
 
@@ -302,8 +291,8 @@ def measure_scene_model(components: SDComponents, scenes: int = 100, round_trips
         report["latent_transplant"] = {}
         transplants = latent_transplant(components, transplant_cases, device=device)
         if transplant_grid_path is not None:
-            cases = make_cases(transplant_cases, DEFAULT_CASE_SEED, components.native_size)
-            transplant_grid(cases, transplants[TRANSPLANT_STRENGTHS[0]].pictures).save(transplant_grid_path)
+            rows = transplants[TRANSPLANT_STRENGTHS[0]].pictures
+            grid([picture for row in rows for picture in row], 4).save(transplant_grid_path)
             log(f"latent transplant pictures (scene, transplant, half-way, truth): {transplant_grid_path}")
             report["transplant_grid"] = str(transplant_grid_path)
         for strength, scores in transplants.items():
