@@ -1,8 +1,9 @@
 """``train-scenes``: train the scene model (:mod:`scene_training`), resumable.
 
     python -m adaptivedrag_core train-scenes [--out DIR] [--device cpu|cuda] [--seed 0]
-        [--scenes N] [--vae-steps N | --vae-seconds S] [--unet-steps N | --unet-seconds S] [--vae-batch N]
-        [--unet-batch N] [--unet-lr LR] [--checkpoint-every N] [--size 128]
+        [--scenes N] [--vae-steps N | --vae-seconds S] [--decoder-steps N | --decoder-seconds S]
+        [--unet-steps N | --unet-seconds S] [--vae-batch N] [--unet-batch N] [--unet-lr LR] [--checkpoint-every N]
+        [--size 128]
 
 The defaults reproduce the shipped model (``adaptivedrag_core/scene_model``). Run it again with the same
 ``--out`` to resume after an interruption.
@@ -13,6 +14,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+#: The stages whose length the command sets, in steps or seconds: (stage, name in the help).
+STAGE_NAMES = (("vae", "VAE"), ("decoder", "decoder refinement"), ("unet", "UNet"))
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from .scene_training import TrainingPlan
@@ -20,14 +24,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     defaults = TrainingPlan()
     p = subparsers.add_parser("train-scenes", help="train the small scene model (resumable)",
                               description="Train the project's small SD1.x-architecture model on procedural scenes "
-                              "(VAE, then UNet on cached latents). The defaults reproduce the shipped weights in "
-                              "about 80 minutes on 2 CPU cores; run again with the same --out to resume.")
+                              "(VAE, its decoder refined on whole scenes, then the UNet on cached latents). The "
+                              "defaults reproduce the shipped weights in about 85 minutes on 2 CPU cores; run again "
+                              "with the same --out to resume.")
     p.add_argument("--out", default="scene-model-training", help="folder for data, checkpoints and the model "
                    "(default scene-model-training); the model is written to OUT/model")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--scenes", type=int, default=defaults.scenes, help=f"training scenes (default {defaults.scenes})")
-    for stage, name in (("vae", "VAE"), ("unet", "UNet")):
+    for stage, name in STAGE_NAMES:
         steps = p.add_mutually_exclusive_group()
         default = getattr(defaults, f"{stage}_steps")
         steps.add_argument(f"--{stage}-steps", type=int, default=default, help=f"{name} steps (default {default})")
@@ -58,10 +63,10 @@ def run_train(args) -> int:
     from .errors import InputError
     from .scene_training import TrainingPlan, fit_steps, train_scene_model
 
-    for name in ("scenes", "vae_steps", "unet_steps", "vae_batch", "unet_batch", "checkpoint_every"):
+    for name in ("scenes", "vae_steps", "decoder_steps", "unet_steps", "vae_batch", "unet_batch", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    seconds = {stage: getattr(args, f"{stage}_seconds") for stage in ("vae", "unet")
+    seconds = {stage: getattr(args, f"{stage}_seconds") for stage, _ in STAGE_NAMES
                if getattr(args, f"{stage}_seconds") is not None}
     for stage, budget in seconds.items():
         if not budget > 0:
@@ -74,7 +79,8 @@ def run_train(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA device is available")
     defaults = TrainingPlan()
-    plan = replace(defaults, seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+    plan = replace(defaults, seed=args.seed, scenes=args.scenes, vae_steps=args.vae_steps,
+                   decoder_steps=args.decoder_steps, unet_steps=args.unet_steps,
                    vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
                    checkpoint_every=args.checkpoint_every,
                    spec=replace(defaults.spec, native_size=args.size))

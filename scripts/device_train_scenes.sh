@@ -2,11 +2,12 @@
 # Train the scene model on a lent GPU machine in one call of the device tool, measure it, and bring it back.
 #
 #   scripts/device_train_scenes.sh [train-scenes options...]
-#   e.g. --size 256 --vae-batch 16 --unet-batch 128 --vae-seconds 120 --unet-seconds 240 --checkpoint-every 1000
+#   e.g. --size 256 --vae-batch 16 --unet-batch 128 --vae-seconds 120 --decoder-seconds 30 --unet-seconds 240
+#        --checkpoint-every 1000
 #
-# The call has 10 minutes (the device's limit): --vae-seconds and --unet-seconds give each stage a share of them,
-# its step timed on the device before training (train.log gives the --vae-steps and --unet-steps that plan the same
-# run); rendering and encoding the scenes comes on top (on 16 cores, estimated at a minute or two, not measured).
+# The call has 10 minutes (the device's limit): --vae-seconds, --decoder-seconds and --unet-seconds give each stage
+# a share of them, its step timed on the device before training (train.log gives the --vae-steps, --decoder-steps
+# and --unet-steps that plan the same run); rendering and encoding the scenes comes on top (on 16 cores, estimated at a minute or two, not measured).
 # The benchmarks get what is left of SCENE_CALL_SECONDS (default 570) once the model is packed: first `bench
 # scene-model` (samples, VAE, round trip, feature tracking, latent transplant), keeping SCENE_DRAG_SECONDS (default
 # 120) for `bench scenes` on SCENE_DRAG_CASES (default 4) cases with three variants, which says whether a drag moves

@@ -17,6 +17,10 @@ def test_the_shipped_model_is_small_and_has_sd15s_layout():
     assert model.latent_scale == scene_model_info()["latent_scale"]
 
 
+def test_the_shipped_model_was_made_by_the_training_commands_defaults():
+    assert scene_model_info()["training"] == TrainingPlan().info()
+
+
 def test_the_generator_still_makes_the_scenes_the_model_was_trained_on():
     info = scene_model_info()
     first, _ = scene_set(TrainingPlan().seed, 16, info["native_size"])

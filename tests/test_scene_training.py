@@ -2,19 +2,21 @@
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from adaptivedrag_core import scene_training
 from adaptivedrag_core.cli import main
 from adaptivedrag_core.errors import InputError
-from adaptivedrag_core.scene_model import SceneModelSpec, load_scene_model
+from adaptivedrag_core.scene_model import SceneModelSpec, build_scene_components, load_scene_model
 from adaptivedrag_core.scene_training import TrainingPlan, train_scene_model, weights_digest
 
 TINY_PLAN = TrainingPlan(
     spec=SceneModelSpec(native_size=64, unet_channels=(8, 8, 16, 16), unet_heads=2, vae_channels=(8, 8, 16, 16),
                         text_width=16, text_length=16, norm_groups=4),
-    scenes=6, vae_steps=3, vae_batch=2, vae_crop=32, unet_steps=4, unet_batch=3, warmup_steps=2, checkpoint_every=2,
+    scenes=6, vae_steps=3, vae_batch=2, vae_crop=32, decoder_steps=4, decoder_batch=2, unet_steps=4, unet_batch=3,
+    warmup_steps=2, checkpoint_every=2,
 )
 
 
@@ -43,10 +45,11 @@ def trained(tmp_path_factory):
     return train_scene_model(folder, TINY_PLAN, progress_factory=_silent, log=lambda line: None)
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(trained, tmp_path):
+@pytest.mark.parametrize("stage, checkpoint", [("decoder", "decoder.pt"), ("UNet", "unet.pt")])
+def test_an_interrupted_run_resumes_to_the_same_weights(trained, tmp_path, stage, checkpoint):
     with pytest.raises(_Interrupted):
-        train_scene_model(tmp_path, TINY_PLAN, progress_factory=_interrupt_at("UNet", 3), log=lambda line: None)
-    assert (tmp_path / "unet.pt").is_file() and not (tmp_path / "model").exists()
+        train_scene_model(tmp_path, TINY_PLAN, progress_factory=_interrupt_at(stage, 3), log=lambda line: None)
+    assert (tmp_path / checkpoint).is_file() and not (tmp_path / "model").exists()
     resumed = train_scene_model(tmp_path, TINY_PLAN, progress_factory=_silent, log=lambda line: None)
     assert weights_digest(resumed) == weights_digest(trained)
 
@@ -54,6 +57,25 @@ def test_an_interrupted_run_resumes_to_the_same_weights(trained, tmp_path):
 def test_training_moves_the_weights_and_seeds_decide_them(trained, tmp_path):
     other = train_scene_model(tmp_path, replace(TINY_PLAN, seed=1), progress_factory=_silent, log=lambda line: None)
     assert weights_digest(other) != weights_digest(trained)
+
+
+def test_the_decoder_stage_refines_the_decoder_alone(tmp_path):
+    plan = replace(TINY_PLAN, decoder_steps=30, decoder_lr=3e-3, unet_steps=1)
+    model = load_scene_model(train_scene_model(tmp_path, plan, progress_factory=_silent, log=lambda line: None))
+    after_vae = build_scene_components(plan.spec, seed=plan.seed).vae
+    after_vae.load_state_dict(torch.load(tmp_path / "vae.pt", weights_only=True)["model"])
+    for side in ("encoder", "quant_conv"):
+        assert weights_equal(getattr(model.vae, side), getattr(after_vae, side)), side
+    assert not weights_equal(model.vae.decoder, after_vae.decoder)
+    cached = torch.load(tmp_path / "latents.pt", weights_only=True)["latents"]
+    scenes = torch.from_numpy(np.load(tmp_path / "scenes.npy")).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        errors = [float((vae.decode(cached).sample - scenes).pow(2).mean()) for vae in (after_vae, model.vae)]
+    assert errors[1] < 0.8 * errors[0]
+
+
+def weights_equal(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
 def test_a_folder_of_another_plan_is_refused(trained):
@@ -102,7 +124,7 @@ def test_train_scenes_builds_its_plan_from_the_command_line(monkeypatch, tmp_pat
 
 def test_seconds_become_the_steps_a_timed_step_allows_and_a_rerun_keeps_them(monkeypatch, tmp_path):
     lines = []
-    for stage in ("vae", "unet"):
+    for stage in ("vae", "decoder", "unet"):
         assert 0 < scene_training.step_seconds(TINY_PLAN, stage, torch.device("cpu"), steps=2, warmup=1) < 60
     monkeypatch.setattr(scene_training, "step_seconds", lambda plan, stage, device: {"vae": 0.5, "unet": 0.25}[stage])
     plan = scene_training.fit_steps(tmp_path, TINY_PLAN, {"vae": 10, "unet": 10}, "cpu", log=lines.append)
@@ -132,12 +154,14 @@ def test_seconds_become_the_steps_a_timed_step_allows_and_a_rerun_keeps_them(mon
 def test_train_scenes_takes_seconds_instead_of_steps(monkeypatch, tmp_path, capsys):
     runs = []
     monkeypatch.setattr(scene_training, "train_scene_model", lambda out, plan, device: runs.append(plan))
-    monkeypatch.setattr(scene_training, "step_seconds", lambda plan, stage, device: {"vae": 0.2, "unet": 0.1}[stage])
+    monkeypatch.setattr(scene_training, "step_seconds",
+                        lambda plan, stage, device: {"vae": 0.2, "decoder": 0.5, "unet": 0.1}[stage])
     assert main(["train-scenes", "--out", str(tmp_path), "--unet-seconds", "30", "--unet-batch", "64"]) == 0
     assert runs == [replace(TrainingPlan(), unet_steps=300, unet_batch=64)]
-    assert main(["train-scenes", "--out", str(tmp_path / "both"), "--vae-seconds", "30", "--unet-seconds", "60"]) == 0
-    assert runs[-1] == replace(TrainingPlan(), vae_steps=150, unet_steps=600)
-    for stage in ("vae", "unet"):
+    assert main(["train-scenes", "--out", str(tmp_path / "all"), "--vae-seconds", "30", "--decoder-seconds", "20",
+                 "--unet-seconds", "60"]) == 0
+    assert runs[-1] == replace(TrainingPlan(), vae_steps=150, decoder_steps=40, unet_steps=600)
+    for stage in ("vae", "decoder", "unet"):
         with pytest.raises(SystemExit):
             main(["train-scenes", "--out", str(tmp_path), f"--{stage}-seconds", "30", f"--{stage}-steps", "10"])
         assert "not allowed with argument" in capsys.readouterr().err
