@@ -163,23 +163,12 @@ def _to_pixels(images: np.ndarray) -> torch.Tensor:
 def train_vae(vae, images: np.ndarray, out_dir: Path, plan: TrainingPlan, device, progress=None,
               log: Callable[[str], None] = print) -> float:
     """Train (or resume, or skip when done) the VAE in place; returns the seconds spent in total."""
-    checkpoint_file = out_dir / CHECKPOINT_FILES["vae"]
     optimiser = _trainable(vae, "vae", plan, device)
-    step, seconds = _resume(checkpoint_file, {"model": vae, "optimiser": optimiser})
-    if step:
-        log(f"VAE: resuming at step {step} of {plan.vae_steps}")
-    started = time.perf_counter() - seconds
-    while step < plan.vae_steps:
-        batch = _draw_vae_batch(plan, step, images)
-        _set_lr(optimiser, plan.vae_lr, step, plan.vae_steps, plan.warmup_steps)
-        _vae_step(vae, optimiser, batch, device)
-        step += 1
-        if step % plan.checkpoint_every == 0 or step == plan.vae_steps:
-            _save(checkpoint_file, {"model": vae, "optimiser": optimiser}, step, time.perf_counter() - started)
-        if progress is not None:
-            progress(step, plan.vae_steps)
+    seconds = _run_stage("vae", vae, optimiser, out_dir, plan,
+                         lambda step: _vae_step(vae, optimiser, _draw_vae_batch(plan, step, images), device),
+                         progress, log)
     vae.eval().requires_grad_(False)
-    return _saved_seconds(checkpoint_file)
+    return seconds
 
 
 def _draw_vae_batch(plan: TrainingPlan, step: int, images: np.ndarray) -> torch.Tensor:
@@ -239,23 +228,13 @@ def train_decoder(vae, latents: torch.Tensor, images: np.ndarray, out_dir: Path,
         latents: the scenes' unscaled posterior means, as :func:`encode_dataset` returns them.
         images: the scenes [N, S, S, 3] uint8, in the latents' order.
     """
-    checkpoint_file = out_dir / CHECKPOINT_FILES["decoder"]
     optimiser = _trainable(vae, "decoder", plan, device)
-    step, seconds = _resume(checkpoint_file, {"model": vae, "optimiser": optimiser})
-    if step:
-        log(f"decoder: resuming at step {step} of {plan.decoder_steps}")
-    started = time.perf_counter() - seconds
-    while step < plan.decoder_steps:
-        batch = _draw_decoder_batch(plan, step, latents, images)
-        _set_lr(optimiser, plan.decoder_lr, step, plan.decoder_steps, plan.warmup_steps)
-        _decoder_step(vae, optimiser, batch, device)
-        step += 1
-        if step % plan.checkpoint_every == 0 or step == plan.decoder_steps:
-            _save(checkpoint_file, {"model": vae, "optimiser": optimiser}, step, time.perf_counter() - started)
-        if progress is not None:
-            progress(step, plan.decoder_steps)
+    seconds = _run_stage("decoder", vae, optimiser, out_dir, plan,
+                         lambda step: _decoder_step(vae, optimiser, _draw_decoder_batch(plan, step, latents, images),
+                                                    device),
+                         progress, log)
     vae.eval().requires_grad_(False)
-    return _saved_seconds(checkpoint_file)
+    return seconds
 
 
 def _draw_decoder_batch(plan: TrainingPlan, step: int, latents: torch.Tensor,
@@ -280,30 +259,23 @@ def train_unet(components: SDComponents, latents: torch.Tensor, token_ids: torch
                plan: TrainingPlan, device, progress=None, log: Callable[[str], None] = print) -> float:
     """Train (or resume, or skip when done) the UNet; leaves the moving average of its weights in it."""
     unet, text_encoder = components.unet, components.text_encoder
-    checkpoint_file = out_dir / CHECKPOINT_FILES["unet"]
     optimiser = _trainable(unet, "unet", plan, device)
     text_encoder.to(device)
     ema = _weights_copy(unet)
-    step, seconds = _resume(checkpoint_file, {"model": unet, "optimiser": optimiser}, ema)
-    if step:
-        log(f"UNet: resuming at step {step} of {plan.unet_steps}")
+    averaging = _MovingAverage(ema, unet)
     alphas_cumprod = noise_schedule().to(device)
     empty_ids = _empty_prompt_ids(components.tokenizer, plan.spec.text_length)
-    averaging = _MovingAverage(ema, unet)
-    started = time.perf_counter() - seconds
-    while step < plan.unet_steps:
+
+    def one_step(step):
         batch = _draw_unet_batch(plan, step, latents, token_ids, empty_ids, len(alphas_cumprod))
-        _set_lr(optimiser, plan.unet_lr, step, plan.unet_steps, plan.warmup_steps)
         _unet_step(unet, text_encoder, optimiser, alphas_cumprod, batch, device, plan.min_snr_gamma)
-        step += 1
-        averaging.update(min(plan.ema_decay, (1 + step) / (10 + step)))
-        if step % plan.checkpoint_every == 0 or step == plan.unet_steps:
-            _save(checkpoint_file, {"model": unet, "optimiser": optimiser}, step, time.perf_counter() - started, ema)
-        if progress is not None:
-            progress(step, plan.unet_steps)
+        done = step + 1
+        averaging.update(min(plan.ema_decay, (1 + done) / (10 + done)))
+
+    seconds = _run_stage("unet", unet, optimiser, out_dir, plan, one_step, progress, log, ema)
     unet.load_state_dict(ema)
     unet.eval().requires_grad_(False)
-    return _saved_seconds(checkpoint_file)
+    return seconds
 
 
 def _draw_unet_batch(plan: TrainingPlan, step: int, latents: torch.Tensor, token_ids: torch.Tensor,
@@ -471,6 +443,30 @@ def _trainable(model: torch.nn.Module, stage: str, plan: TrainingPlan, device) -
         parameter.requires_grad_(True)
     weight_decay = 0.01 if stage == "unet" else 0.0
     return torch.optim.AdamW(parameters, lr=getattr(plan, f"{stage}_lr"), weight_decay=weight_decay)
+
+
+def _run_stage(stage: str, model: torch.nn.Module, optimiser: torch.optim.Optimizer, out_dir: Path,
+               plan: TrainingPlan, one_step: Callable[[int], None], progress, log: Callable[[str], None],
+               ema: Optional[dict] = None) -> float:
+    """Run ``one_step(step)`` for every step of ``stage`` not yet in its checkpoint, setting the learning rate before
+    each and saving ``model``, ``optimiser`` (and ``ema``) every ``checkpoint_every`` steps and at the end; returns the
+    seconds the stage has taken in all, resumed runs included."""
+    checkpoint_file = out_dir / CHECKPOINT_FILES[stage]
+    states = {"model": model, "optimiser": optimiser}
+    total = getattr(plan, f"{stage}_steps")
+    step, seconds = _resume(checkpoint_file, states, ema)
+    if step:
+        log(f"{_STAGE_WORDS[stage][0]}: resuming at step {step} of {total}")
+    started = time.perf_counter() - seconds
+    while step < total:
+        _set_lr(optimiser, getattr(plan, f"{stage}_lr"), step, total, plan.warmup_steps)
+        one_step(step)
+        step += 1
+        if step % plan.checkpoint_every == 0 or step == total:
+            _save(checkpoint_file, states, step, time.perf_counter() - started, ema)
+        if progress is not None:
+            progress(step, total)
+    return _saved_seconds(checkpoint_file)
 
 
 def _weights_copy(model: torch.nn.Module) -> dict:
