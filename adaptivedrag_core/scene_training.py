@@ -334,23 +334,18 @@ def step_seconds(plan: TrainingPlan, stage: str, device, steps: int = 10, warmup
     ``warmup`` untimed steps."""
     components = build_scene_components(plan.spec, seed=plan.seed)
     random = torch.Generator().manual_seed(plan.seed)
-    if stage == "vae":
+    if stage in ("vae", "decoder"):
         vae = components.vae
-        optimiser = _trainable(vae, "vae", plan, device)
-        size = plan.spec.native_size
-        images = torch.randint(0, 256, (plan.vae_batch, size, size, 3), generator=random, dtype=torch.uint8).numpy()
+        optimiser = _trainable(vae, stage, plan, device)
+        size, batch = plan.spec.native_size, getattr(plan, f"{stage}_batch")
+        images = torch.randint(0, 256, (batch, size, size, 3), generator=random, dtype=torch.uint8).numpy()
+        latents = torch.randn(batch, 4, size // 8, size // 8, generator=random)
 
         def one_step(step):
-            _vae_step(vae, optimiser, _draw_vae_batch(plan, step, images), device)
-    elif stage == "decoder":
-        vae = components.vae
-        optimiser = _trainable(vae, "decoder", plan, device)
-        size = plan.spec.native_size
-        images = torch.randint(0, 256, (plan.decoder_batch, size, size, 3), generator=random, dtype=torch.uint8).numpy()
-        latents = torch.randn(plan.decoder_batch, 4, size // 8, size // 8, generator=random)
-
-        def one_step(step):
-            _decoder_step(vae, optimiser, _draw_decoder_batch(plan, step, latents, images), device)
+            if stage == "vae":
+                _vae_step(vae, optimiser, _draw_vae_batch(plan, step, images), device)
+            else:
+                _decoder_step(vae, optimiser, _draw_decoder_batch(plan, step, latents, images), device)
     else:
         unet = components.unet
         optimiser = _trainable(unet, "unet", plan, device)

@@ -188,13 +188,13 @@ def latent_transplant(components: SDComponents, cases: int = 8, strengths=TRANSP
     """
     noise_fn = unet_noise_fn(components.unet, encode_prompt(components, "", device=device))
     encoded = encoded_cases(components, cases, seed, device)
+    cells_of = [torch.from_numpy(moved_cells(case, scene.shape[-1])).to(device) for case, scene, _ in encoded]
     scores = {}
     for strength in strengths:
         schedule = make_schedule(components.make_scheduler(), EditSettings().num_steps, strength)
         scores[strength] = TransplantScores([], [], [], [])
-        for case, scene, moved in encoded:
+        for (case, scene, moved), cells in zip(encoded, cells_of):
             start, end = ddim_invert(noise_fn, scene, schedule), ddim_invert(noise_fn, moved, schedule)
-            cells = torch.from_numpy(moved_cells(case, start.shape[-1])).to(device)
             whole_picture = _sample_picture(components, noise_fn, schedule, torch.where(cells, end, start))
             half_picture = _sample_picture(components, noise_fn, schedule,
                                            torch.where(cells, (start + end) * math.sqrt(0.5), start))
