@@ -67,11 +67,39 @@ def test_the_decoder_stage_refines_the_decoder_alone(tmp_path):
     for side in ("encoder", "quant_conv"):
         assert weights_equal(getattr(model.vae, side), getattr(after_vae, side)), side
     assert not weights_equal(model.vae.decoder, after_vae.decoder)
+    # What is exported is the moving average of the decoder's weights, not its last step's.
+    checkpoint = torch.load(tmp_path / "decoder.pt", weights_only=True)
+    exported = {**model.vae.post_quant_conv.state_dict(prefix="post_quant_conv."),
+                **model.vae.decoder.state_dict(prefix="decoder.")}
+    assert exported.keys() == checkpoint["ema"].keys()
+    assert all(torch.equal(exported[name], checkpoint["ema"][name]) for name in exported)
+    assert not all(torch.equal(exported[name], checkpoint["model"][name]) for name in exported)
     cached = torch.load(tmp_path / "latents.pt", weights_only=True)["latents"]
     scenes = torch.from_numpy(np.load(tmp_path / "scenes.npy")).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         errors = [float((vae.decode(cached).sample - scenes).pow(2).mean()) for vae in (after_vae, model.vae)]
     assert errors[1] < 0.8 * errors[0]
+
+
+@pytest.mark.parametrize("bfloat16", [True, False])
+def test_a_decoder_step_decodes_in_bfloat16_only_when_the_plan_says_so(bfloat16):
+    vae = build_scene_components(TINY_PLAN.spec, seed=0).vae
+    optimiser = scene_training._trainable(vae, "decoder", TINY_PLAN, "cpu")
+    before = [parameter.detach().clone() for parameter in vae.decoder.parameters()]
+    decoded_dtypes = []
+    decode = vae.decode
+
+    def recording_decode(latents):
+        output = decode(latents)
+        decoded_dtypes.append(output.sample.dtype)
+        return output
+
+    vae.decode = recording_decode
+    batch = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 64, 64) * 2 - 1
+    scene_training._decoder_step(vae, optimiser, batch, "cpu", bfloat16)
+    assert decoded_dtypes == [torch.bfloat16 if bfloat16 else torch.float32]
+    assert all(parameter.dtype == torch.float32 for parameter in vae.parameters())
+    assert not all(torch.equal(old, new) for old, new in zip(before, vae.decoder.parameters()))
 
 
 def weights_equal(first: torch.nn.Module, second: torch.nn.Module) -> bool:
