@@ -364,15 +364,15 @@ def step_seconds(plan: TrainingPlan, stage: str, device, steps: int = 10, warmup
         optimiser = _trainable(vae, stage, plan, device)
         size, batch = plan.spec.native_size, getattr(plan, f"{stage}_batch")
         images = torch.randint(0, 256, (batch, size, size, 3), generator=random, dtype=torch.uint8).numpy()
-        latents = torch.randn(batch, 4, size // 8, size // 8, generator=random)
-
-        decoder_side = _decoder_side(vae)
-        averaging = _MovingAverage(_weights_copy(decoder_side), decoder_side)
-
-        def one_step(step):
-            if stage == "vae":
+        if stage == "vae":
+            def one_step(step):
                 _vae_step(vae, optimiser, _draw_vae_batch(plan, step, images), device)
-            else:
+        else:
+            latents = torch.randn(batch, 4, size // 8, size // 8, generator=random)
+            decoder_side = _decoder_side(vae)
+            averaging = _MovingAverage(_weights_copy(decoder_side), decoder_side)
+
+            def one_step(step):
                 _decoder_step(vae, optimiser, _draw_decoder_batch(plan, step, latents, images), device,
                               plan.decoder_bfloat16)
                 averaging.update(plan.decoder_ema_decay)
@@ -460,10 +460,7 @@ def _trainable(model: torch.nn.Module, stage: str, plan: TrainingPlan, device) -
     (AdamW; weight decay on the UNet only). The decoder stage trains the VAE's ``post_quant_conv`` and ``decoder``
     and leaves the encoder's side frozen."""
     model.to(device).train().requires_grad_(False)
-    if stage == "decoder":
-        parameters = [*model.post_quant_conv.parameters(), *model.decoder.parameters()]
-    else:
-        parameters = list(model.parameters())
+    parameters = list((_decoder_side(model) if stage == "decoder" else model).parameters())
     for parameter in parameters:
         parameter.requires_grad_(True)
     weight_decay = 0.01 if stage == "unet" else 0.0
