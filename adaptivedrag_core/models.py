@@ -179,7 +179,7 @@ MODEL_PARTS = ("unet", "vae", "text_encoder")
 CLIP_BOS_ID = 49406
 CLIP_EOS_ID = 49407
 
-# Key prefixes of the original LDM/CompVis single-file layout.
+# Key prefixes of the original LDM single-file layout.
 LDM_PREFIXES = {
     "unet": "model.diffusion_model.",
     "vae": "first_stage_model.",
